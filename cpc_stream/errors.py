@@ -1,0 +1,22 @@
+"""The one exception type that command-line tools turn into a one-line error message."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a value, a setting): reported as one line, never a traceback."""
+
+
+def run_cli(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's body; turn UserError (and Ctrl-C) into a one-line message and an exit code."""
+    try:
+        return body() or 0
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
