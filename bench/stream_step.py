@@ -1,0 +1,140 @@
+"""Per-call cost of the streaming ONNX graph on onnxruntime's CPU provider, against the compute floor.
+
+    python bench/stream_step.py [--model cpc.onnx] [--threads 1] [--calls 300]
+
+Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F (the
+weights' values do not change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times
+session.run back to back and paced at real time (a call every F x 10 ms, as the daemon runs), and prints
+median / p99 ms per call, ms per frame per stream, the real-time factor of the whole batch, and the ratio
+to the compute floor: the model's multiply-adds per frame at the rate of a large float32 matrix product
+measured in this process with the same onnxruntime and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from cpc_stream.engine import StreamingModel
+
+
+def matmul_rate(threads: int, n: int = 1024, reps: int = 20) -> float:
+    """Multiply-adds per second of an n x n x n float32 MatMul in onnxruntime."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+    )  # fmt: skip
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(
+        helper.make_model(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    a, b = (np.random.default_rng(0).standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    for _ in range(3):
+        sess.run(None, {"a": a, "b": b})
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sess.run(None, {"a": a, "b": b})
+        times.append(time.perf_counter() - t)
+    return n**3 / float(np.median(times))
+
+
+def macs_per_frame(m: StreamingModel) -> int:
+    """Multiply-adds the model needs per 10 ms frame and stream (convs, GRU, predictors, scores)."""
+    i = m.info
+    per_hop_out = [32, 8, 4, 2, 1]  # conv outputs per 160-sample hop
+    cin = [1, i.enc_dim, i.enc_dim, i.enc_dim, i.enc_dim]
+    kernels = [10, 8, 4, 4, 4]
+    conv = sum(o * k * c * i.enc_dim for o, k, c in zip(per_hop_out, kernels, cin, strict=True))
+    gru = 3 * (i.enc_dim * i.ctx_dim + i.ctx_dim * i.ctx_dim)
+    pred = i.n_steps * i.ctx_dim * i.enc_dim
+    scores = i.n_steps * i.enc_dim * (1 + i.neg_window)
+    return conv + gru + pred + scores
+
+
+def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    audio = [rng.standard_normal((batch, m.info.samples_per_call)).astype(np.float32) * 0.1 for _ in range(8)]
+    state = m.zero_state(batch)
+    for a in audio:  # warm-up
+        _, state = m.step(a, state)
+    period = m.info.frames_per_call * m.info.hop / m.info.sample_rate
+    times = np.empty(calls)
+    start = time.perf_counter()
+    for n in range(calls):
+        if paced:
+            delay = start + n * period - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        t = time.perf_counter()
+        _, state = m.step(audio[n % len(audio)], state)
+        times[n] = time.perf_counter() - t
+    return times
+
+
+def export_random_paper_model(frames_per_call: int, out: Path) -> Path:
+    import torch
+    from cpc_export.export import export_onnx
+    from cpc_training.config import Config
+    from cpc_training.model import CPC
+
+    cfg = Config()
+    torch.manual_seed(0)
+    export_onnx(CPC(cfg.model).eval(), cfg, 0, out, frames_per_call, 128)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="an exported graph (its own F); default: export the paper model per F")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--frames", default="1,2,4,10")
+    ap.add_argument("--batches", default="1,4,16")
+    args = ap.parse_args()
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}, "
+        f"onnxruntime {ort.__version__}, threads {args.threads}"
+    )
+    rate = matmul_rate(args.threads)
+    print(
+        f"floor: 1024^3 float32 MatMul in onnxruntime: {rate * 2 / 1e9:.1f} GFLOP/s ({rate / 1e9:.1f} G multiply-adds/s)"
+    )
+    tmp = Path(tempfile.mkdtemp())
+    paths = (
+        [Path(args.model)]
+        if args.model
+        else [export_random_paper_model(int(f), tmp / f"f{f}.onnx") for f in args.frames.split(",")]
+    )
+    print(
+        f"{'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7}"
+    )
+    for path in paths:
+        m = StreamingModel(path, providers="cpu", threads=args.threads)
+        floor_ms = macs_per_frame(m) / rate * 1e3
+        f = m.info.frames_per_call
+        for b in (int(x) for x in args.batches.split(",")):
+            for paced in (False, True):
+                t = time_calls(m, b, args.calls, paced) * 1e3
+                med, p99 = float(np.median(t)), float(np.percentile(t, 99))
+                per_frame = med / (f * b)
+                print(
+                    f"{f:>3} {b:>3} {'paced' if paced else 'b2b':>7} {med:11.3f} {p99:11.3f} {per_frame:15.3f} "
+                    f"{med / (f * 10):6.3f} {per_frame / floor_ms:7.2f}"
+                )
+        print(
+            f"    (F={f}: {macs_per_frame(m) / 1e6:.1f} M multiply-adds per frame; floor {floor_ms:.3f} ms/frame)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The exported streaming CPC graph behind a small class: load, check the contract, build zero state, step.
+
+    model = StreamingModel("cpc.onnx")             # refuses a graph whose metadata it does not know
+    state = model.zero_state(batch=2)              # a zero state is the start of a stream
+    out, state = model.step(audio, state)          # audio (2, frames_per_call * 160) float32
+    out["c"]                                       # (2, frames_per_call, ctx_dim)
+    model.reset(state, rows=[1])                   # stream 1 starts over
+
+The contract (input/output names, metadata keys) is documented in docs/onnx-contract.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+FORMAT_KEY = "cpc_stream.format"
+FORMAT_NAME = "cpc-stream-onnx"
+FORMAT_VERSION = 1
+STATE_NAMES = (
+    "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
+    "gru_h", "pred_history", "z_history", "frame_index",
+)  # fmt: skip
+OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything a runtime needs from the graph's metadata_props (all stored as strings)."""
+
+    sample_rate: int
+    hop: int  # samples per frame
+    frames_per_call: int  # F
+    enc_dim: int
+    ctx_dim: int
+    n_steps: int  # K
+    neg_window: int  # W: frames of z_history that normalise logprob
+    score: str
+    temperature: float
+    norm: str
+    state_shapes: dict[str, list] = field(default_factory=dict)  # "B" marks the batch axis
+    config_hash: str = ""
+    train_step: int = 0
+    exported_by: str = ""
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}"}
+        for k, v in asdict(self).items():
+            meta[k] = json.dumps(v) if isinstance(v, dict) else str(v)
+        meta["state_names"] = ",".join(STATE_NAMES)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], source: str) -> ModelInfo:
+        fmt = meta.get(FORMAT_KEY)
+        if fmt is None:
+            raise UserError(f"{source}: not a cpc-stream model (no {FORMAT_KEY} in its metadata)")
+        if fmt != f"{FORMAT_NAME}/{FORMAT_VERSION}":
+            raise UserError(
+                f"{source}: model format {fmt!r} is not supported (this runtime reads {FORMAT_NAME}/{FORMAT_VERSION})"
+            )
+        kwargs = {}
+        for f in cls.__dataclass_fields__.values():
+            if f.name not in meta:
+                raise UserError(f"{source}: metadata key {f.name!r} is missing")
+            raw = meta[f.name]
+            try:
+                kwargs[f.name] = (
+                    json.loads(raw)
+                    if f.type.startswith("dict")
+                    else {"int": int, "float": float}.get(f.type, str)(raw)
+                )
+            except ValueError:
+                raise UserError(f"{source}: metadata key {f.name!r} has a bad value {raw!r}") from None
+        if meta.get("state_names") != ",".join(STATE_NAMES) or set(kwargs["state_shapes"]) != set(
+            STATE_NAMES
+        ):
+            raise UserError(
+                f"{source}: state names {meta.get('state_names')!r} are not this runtime's {','.join(STATE_NAMES)}"
+            )
+        return cls(**kwargs)
+
+    @property
+    def samples_per_call(self) -> int:
+        return self.frames_per_call * self.hop
+
+
+def choose_providers(requested: str = "auto") -> list[str]:
+    """onnxruntime providers: 'cpu', 'cuda' (an error if this onnxruntime has no CUDA), or 'auto'
+    (CUDA when available, else CPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "cpu":
+        return ["CPUExecutionProvider"]
+    if requested == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UserError(
+                f"CUDA provider asked for, but this onnxruntime offers only {', '.join(available)} (install the 'gpu' extra)"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if requested != "auto":
+        raise UserError(f"provider {requested!r}: expected auto, cpu or cuda")
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class StreamingModel:
+    """A cpc-stream ONNX graph in an onnxruntime session, with its metadata checked."""
+
+    def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1):
+        import onnxruntime as ort
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"model file {p} not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # A daemon shares the machine: threads sleep between calls instead of spinning.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(p), opts, providers=choose_providers(providers))
+        except UserError:
+            raise
+        except Exception as e:  # onnxruntime raises its own types for a damaged file
+            raise UserError(
+                f"model file {p} is not a loadable ONNX graph ({str(e).splitlines()[0][:200]})"
+            ) from None
+        self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(p))
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != ["audio", *STATE_NAMES]:
+            raise UserError(f"{p}: graph inputs {inputs} are not audio + {', '.join(STATE_NAMES)}")
+        self._outputs = [*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)]
+        self.providers = self.session.get_providers()
+
+    def zero_state(self, batch: int) -> dict[str, np.ndarray]:
+        """Fresh state for `batch` streams: every stream at its start."""
+        return {
+            name: np.zeros(
+                [batch if d == "B" else d for d in shape],
+                dtype=np.int64 if name == "frame_index" else np.float32,
+            )
+            for name, shape in self.info.state_shapes.items()
+        }
+
+    @staticmethod
+    def reset(state: dict[str, np.ndarray], rows: Sequence[int]) -> None:
+        """Restart the given streams (rows of the batch) in place."""
+        for arr in state.values():
+            arr[list(rows)] = 0
+
+    def step(
+        self, audio: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """audio (B, frames_per_call * hop) float32 -> outputs {z, c, scores, logprob, valid}, each
+        (B, F, ...), and the new state."""
+        if audio.ndim != 2 or audio.shape[1] != self.info.samples_per_call:
+            raise ValueError(f"audio must be (batch, {self.info.samples_per_call}), got {audio.shape}")
+        feeds = {"audio": np.ascontiguousarray(audio, dtype=np.float32), **state}
+        values = self.session.run(self._outputs, feeds)
+        n = len(OUTPUT_NAMES)
+        return dict(zip(OUTPUT_NAMES, values[:n], strict=True)), dict(
+            zip(STATE_NAMES, values[n:], strict=True)
+        )
+
+
+class Stream:
+    """One audio stream of any chunking: buffers samples until whole calls are available.
+
+    feed(samples) returns the outputs of every complete call, concatenated over frames
+    ({name: (frames, ...)}); samples short of a call wait for the next feed.
+    """
+
+    def __init__(self, model: StreamingModel):
+        self.model = model
+        self.state = model.zero_state(1)
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def feed(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+        n = self.model.info.samples_per_call
+        buf = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32).ravel()])
+        calls = len(buf) // n
+        outs = []
+        for i in range(calls):
+            out, self.state = self.model.step(buf[None, i * n : (i + 1) * n], self.state)
+            outs.append(out)
+        self._pending = buf[calls * n :]
+        if not outs:
+            return self._empty()
+        return {k: np.concatenate([o[k][0] for o in outs]) for k in OUTPUT_NAMES}
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        i = self.model.info
+        dims = {
+            "z": (i.enc_dim,),
+            "c": (i.ctx_dim,),
+            "scores": (i.n_steps,),
+            "logprob": (i.n_steps,),
+            "valid": (i.n_steps,),
+        }
+        return {k: np.zeros((0, *d), dtype=bool if k == "valid" else np.float32) for k, d in dims.items()}

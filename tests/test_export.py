@@ -1,0 +1,222 @@
+"""The streaming ONNX graph equals the offline model, whatever the chunking, batch and length."""
+
+import glob
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import MINI, UTT_1089
+from cpc_export import export as export_mod
+from cpc_export.export import check_streams, compare, export_onnx
+from cpc_training import config, train
+from cpc_training.features import extract
+from cpc_training.model import CPC
+from onnx import helper
+
+from cpc_stream.audio import load_audio
+from cpc_stream.engine import Stream, StreamingModel
+from cpc_stream.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small model after a few real training steps (weights that are not an initialisation)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = config.load(None, [f"data.root={MINI}", "model.enc_dim=64", "model.ctx_dim=32", "model.n_steps=5",
+                             "data.window=6400", "data.workers=0", "negatives.count=16", "train.lr=2e-3",
+                             "train.max_steps=15", f"train.out_dir={out}", "train.threads=1"])  # fmt: skip
+    train.train(cfg, quiet=True)
+    ckpt = train.load_checkpoint(out / "checkpoint.pt")
+    model, cfg = train.model_from_checkpoint(ckpt)
+    return model, cfg, out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("frames_per_call, window", [(1, 16), (3, 8), (10, 32)])
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+def test_graph_matches_offline_model_over_many_calls(tmp_path, trained, frames_per_call, window, score):
+    model, cfg, _ = trained
+    if score != cfg.model.score:  # same weights, other score function
+        cfg = config.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "score": score}})
+        model = CPC(cfg.model).eval()
+        model.load_state_dict(trained[0].state_dict())
+    path = tmp_path / "m.onnx"
+    export_onnx(model, cfg, 15, path, frames_per_call, window)
+    for audio_file in (None, UTT_1089):
+        audio = check_streams(model, audio_file, 210, frames_per_call * 160)
+        diffs = compare(path, model, audio)
+        assert diffs["z"] < 1e-4 and diffs["c"] < 1e-4, diffs
+        assert diffs["scores"] < 1e-3 and diffs["logprob"] < 1e-3, diffs
+
+
+def test_every_real_utterance_streams_to_its_offline_features(tmp_path, trained):
+    """All 13 shared utterances (up to 35 s, i.e. thousands of frames: no drift) as one batch of streams."""
+    model, cfg, _ = trained
+    path = tmp_path / "m.onnx"
+    export_onnx(model, cfg, 15, path, 10, 32)
+    runtime = StreamingModel(path, providers="cpu")
+    files = sorted(glob.glob(str(MINI / "*/*/*/*.flac")))
+    assert len(files) == 13
+    wavs = [load_audio(f, 16000) for f in files]
+    n = runtime.info.samples_per_call
+    longest = max(len(w) for w in wavs) // n * n + n
+    batch = np.stack([np.pad(w, (0, longest - len(w))) for w in wavs])
+    state = runtime.zero_state(len(files))
+    cs = []
+    for i in range(longest // n):
+        out, state = runtime.step(batch[:, i * n : (i + 1) * n], state)
+        cs.append(out["c"])
+    c_stream = np.concatenate(cs, axis=1)
+    for row, w in enumerate(wavs):
+        ref = extract(model, w, 32)["c"]
+        assert np.abs(c_stream[row, : len(ref)] - ref).max() < 1e-4, files[row]
+    assert max(len(w) for w in wavs) > 15 * 16000  # 1500+ frames threaded through one state
+
+
+def test_any_chunking_and_reset_give_the_offline_result(tmp_path, trained):
+    model, cfg, _ = trained
+    path = tmp_path / "m.onnx"
+    export_onnx(model, cfg, 15, path, 4, 16)
+    runtime = StreamingModel(path, providers="cpu")
+    wav = load_audio(UTT_1089, 16000)
+    wav = wav[: len(wav) // 640 * 640]  # whole calls of F=4 hops
+    ref = extract(model, wav, 16)
+    stream = Stream(runtime)
+    rng = np.random.default_rng(0)
+    pieces, pos = [], 0
+    while pos < len(wav):
+        size = int(rng.integers(1, 3000))
+        pieces.append(stream.feed(wav[pos : pos + size]))
+        pos += size
+    got = {k: np.concatenate([p[k] for p in pieces]) for k in ("z", "c", "logprob")}
+    assert got["c"].shape == ref["c"].shape
+    assert np.abs(got["c"] - ref["c"]).max() < 1e-4
+    assert np.allclose(got["logprob"], ref["logprob"], atol=1e-3, equal_nan=True)
+    # Resetting a stream's rows makes it start over: the same audio gives the same frames again.
+    state = runtime.zero_state(2)
+    n = runtime.info.samples_per_call
+    two = np.stack([wav[:n], wav[n : 2 * n]])
+    first, state = runtime.step(two, state)
+    runtime.reset(state, rows=[1])
+    again, _ = runtime.step(np.stack([wav[n : 2 * n], wav[:n]]), state)
+    assert np.abs(again["c"][1] - first["c"][0]).max() < 1e-6
+    assert state["frame_index"].tolist() == [4, 0]
+
+
+def test_gru_node_computes_torch_gru(tmp_path, trained):
+    """The exported GRU keeps linear_before_reset=1 (pytorch#189225), and the node alone equals nn.GRU."""
+    model, cfg, _ = trained
+    path = tmp_path / "m.onnx"
+    export_onnx(model, cfg, 15, path, 4, 8)
+    proto = onnx.load(str(path))
+    (gru,) = [n for n in proto.graph.node if n.op_type == "GRU"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in gru.attribute}
+    assert attrs["linear_before_reset"] == 1
+    inits = {i.name: i for i in proto.graph.initializer}
+    # Rebuild a graph holding only that node (its W, R, B weights) and feed it random sequences.
+    w_r_b = [n for n in gru.input[1:4]]
+    consts = [n for n in proto.graph.node if n.output and n.output[0] in w_r_b]
+    single = helper.make_graph(
+        [*consts, helper.make_node("GRU", ["x", *w_r_b, "", "h0"], ["y", "h"], **attrs)], "gru",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [6, 3, 64]),
+         helper.make_tensor_value_info("h0", onnx.TensorProto.FLOAT, [1, 3, 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, None)],
+        initializer=[inits[n] for n in w_r_b if n in inits],
+    )  # fmt: skip
+    sess = ort.InferenceSession(helper.make_model(single, opset_imports=proto.opset_import).SerializeToString(),
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+    x, h0 = torch.randn(6, 3, 64), torch.randn(1, 3, 32)
+    y_ort, h_ort = sess.run(None, {"x": x.numpy(), "h0": h0.numpy()})
+    with torch.no_grad():
+        y_ref, h_ref = model.gru(x.transpose(0, 1), h0)
+    assert np.abs(y_ort[:, 0].transpose(1, 0, 2) - y_ref.numpy()).max() < 1e-5
+    assert np.abs(h_ort - h_ref.numpy()).max() < 1e-5
+
+
+def _plain_graph(path, meta):
+    g = helper.make_graph([helper.make_node("Identity", ["audio"], ["z"])], "g",
+                          [helper.make_tensor_value_info("audio", onnx.TensorProto.FLOAT, [1, 160])],
+                          [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 160])])  # fmt: skip
+    m = helper.make_model(g)
+    helper.set_model_props(m, meta)
+    onnx.save(m, str(path))
+
+
+def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
+    _plain_graph(tmp_path / "a.onnx", {})
+    with pytest.raises(UserError, match="not a cpc-stream model"):
+        StreamingModel(tmp_path / "a.onnx")
+    _plain_graph(tmp_path / "b.onnx", {"cpc_stream.format": "cpc-stream-onnx/99"})
+    with pytest.raises(UserError, match="format 'cpc-stream-onnx/99' is not supported"):
+        StreamingModel(tmp_path / "b.onnx")
+    model, cfg, _ = trained
+    export_onnx(model, cfg, 15, tmp_path / "c.onnx", 1, 8)
+    proto = onnx.load(str(tmp_path / "c.onnx"))
+    kept = [p for p in proto.metadata_props if p.key != "neg_window"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(tmp_path / "c.onnx"))
+    with pytest.raises(UserError, match="metadata key 'neg_window' is missing"):
+        StreamingModel(tmp_path / "c.onnx")
+    (tmp_path / "d.onnx").write_bytes(b"not a graph")
+    with pytest.raises(UserError, match="d.onnx is not a loadable ONNX graph"):
+        StreamingModel(tmp_path / "d.onnx")
+
+
+def test_metadata_describes_the_state(tmp_path, trained):
+    model, cfg, _ = trained
+    export_onnx(model, cfg, 15, tmp_path / "m.onnx", 2, 8)
+    info = StreamingModel(tmp_path / "m.onnx").info
+    assert (info.frames_per_call, info.neg_window, info.n_steps, info.ctx_dim) == (2, 8, 5, 32)
+    assert info.config_hash == cfg.model_hash() and info.train_step == 15
+    assert info.state_shapes["pred_history"] == ["B", 5, 5, 64]
+    state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
+    assert state["cache_conv2"].shape == (3, 4, 64) and state["frame_index"].dtype == np.int64
+
+
+def test_cli_proves_and_writes(tmp_path, trained, capsys):
+    _, _, ckpt = trained
+    out = tmp_path / "ok.onnx"
+    assert export_mod.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "50"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "check speech: 3 streams x 50 calls: max |diff| z=" in text
+
+
+def test_cli_fails_above_tolerance_and_leaves_no_file(tmp_path, trained, capsys, monkeypatch):
+    _, _, ckpt = trained
+    monkeypatch.setattr(export_mod, "TOLERANCE", {"z": 0.0, "c": 0.0, "scores": 0.0, "logprob": 0.0})
+    out = tmp_path / "bad.onnx"
+    assert export_mod.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "20"]) == 2
+    assert "streaming graph differs from the offline model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path, trained, capsys):
+    _, _, ckpt = trained
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    wrong = tmp_path / "wrong.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["model"]["ctx_dim"] = 48
+    torch.save(state, wrong)
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (["--checkpoint", str(tmp_path / "none.pt")], "checkpoint .*none.pt not found"),
+        (["--checkpoint", str(garbage)], "checkpoint .*garbage.pt is unreadable"),
+        (["--checkpoint", str(wrong)], "checkpoint weights do not fit its own config"),
+        (
+            ["--checkpoint", str(ckpt), "--out", str(tmp_path / "afile" / "m.onnx")],
+            "output folder .*afile does not exist",
+        ),
+    ]
+    for args, pattern in cases:
+        if "--out" not in args:
+            args = [*args, "--out", str(tmp_path / "m.onnx")]
+        assert export_mod.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        import re
+
+        assert re.search(pattern, err), err
