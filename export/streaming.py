@@ -118,7 +118,7 @@ class StreamingCPC(nn.Module):
             state[7],
             state[8],
         )
-        f, k, w = self.frames, self.k, self.window
+        f, k, w, dev = self.frames, self.k, self.window, audio.device
         z, new_caches = self._encode(audio, caches)
         c, h = self.gru(z, gru_h.unsqueeze(0))
 
@@ -136,17 +136,16 @@ class StreamingCPC(nn.Module):
         all_scores = (ps.flatten(1, 2) @ z_all.transpose(1, 2)).unflatten(
             1, (f, k)
         ) * self.scale  # (B,F,K,W+F)
-        t = frame_index.unsqueeze(1) + torch.arange(f, dtype=torch.int64)  # (B, F) global frame index
-        col = torch.arange(w + f, dtype=torch.int64)
-        in_band = (col >= torch.arange(f).unsqueeze(1)) & (
-            col <= torch.arange(f).unsqueeze(1) + w
-        )  # (F, W+F)
+        t = frame_index.unsqueeze(1) + torch.arange(f, dtype=torch.int64, device=dev)  # (B, F) global frame index
+        col = torch.arange(w + f, dtype=torch.int64, device=dev)
+        row = col[:f].unsqueeze(1)  # new frame i
+        in_band = (col >= row) & (col <= row + w)  # (F, W+F)
         started = (frame_index.unsqueeze(1) - w + col) >= 0  # (B, W + F)
         keep = in_band.unsqueeze(0) & started.unsqueeze(1)  # (B, F, W + F)
         masked = torch.where(keep.unsqueeze(2), all_scores, torch.full_like(all_scores, float("-inf")))
         top = masked.max(dim=-1, keepdim=True).values  # finite: the positive's column is always kept
         logprob = pos - (top.squeeze(-1) + torch.log(torch.exp(masked - top).sum(-1)))
-        valid = (t.unsqueeze(2) - torch.arange(1, k + 1, dtype=torch.int64)) >= 0  # (B, F, K)
+        valid = (t.unsqueeze(2) - torch.arange(1, k + 1, dtype=torch.int64, device=dev)) >= 0  # (B, F, K)
         nan = torch.full_like(pos, float("nan"))
         return (
             z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid,
