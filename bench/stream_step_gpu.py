@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from cpc_export.streaming import StreamingCPC, zero_state
 from cpc_training.config import Config
 from cpc_training.model import CPC
@@ -57,7 +56,9 @@ def main() -> None:
         cs.append(out[1])
         state = list(out[5:])
     _, c_ref = model(audio)
-    print(f"check: GPU streaming c vs offline c, 3 streams x 50 calls: max |diff| {(torch.cat(cs, 1) - c_ref).abs().max().item():.2e}")
+    print(
+        f"check: GPU streaming c vs offline c, 3 streams x 50 calls: max |diff| {(torch.cat(cs, 1) - c_ref).abs().max().item():.2e}"
+    )
 
     print(f"{'F':>3} {'B':>5} {'mode':>6} {'ms/call':>8} {'us/frame/stream':>15} {'real-time streams':>17}")
     for f in (int(x) for x in args.frames.split(",")):

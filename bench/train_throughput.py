@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from cpc_training.config import Config
 from cpc_training.data import WindowBatches, scan_librispeech
 from cpc_training.loss import sample_negatives
@@ -77,27 +76,35 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default=None, help="fp32, bf16, fp32-compile, bf16-compile (first is the baseline)")
+    ap.add_argument(
+        "--variants", default=None, help="fp32, bf16, fp32-compile, bf16-compile (first is the baseline)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     variants = (args.variants or ("fp32,bf16,bf16-compile" if device.type == "cuda" else "fp32")).split(",")
     print(f"machine: {machine(device)}")
-    print(f"config: paper model 512/256 K=12, batch {args.batch} x 20480 samples, 128 negatives, {args.steps} timed steps")
+    print(
+        f"config: paper model 512/256 K=12, batch {args.batch} x 20480 samples, 128 negatives, {args.steps} timed steps"
+    )
     base = None
     for v in variants:
         sec = time_variant(v, device, args.batch, args.steps, args.warmup)
         base = base or sec
         audio = args.batch * 20480 / 16000 / sec
-        print(f"{v:>14}: {sec * 1e3:8.1f} ms/step  {1 / sec:7.2f} steps/s  {audio:8.1f} audio-s/s  "
-              f"x{base / sec:5.2f} vs {variants[0]}  epoch of train-clean-100: {EPOCH_AUDIO_S / audio / 3600:6.2f} h")
+        print(
+            f"{v:>14}: {sec * 1e3:8.1f} ms/step  {1 / sec:7.2f} steps/s  {audio:8.1f} audio-s/s  "
+            f"x{base / sec:5.2f} vs {variants[0]}  epoch of train-clean-100: {EPOCH_AUDIO_S / audio / 3600:6.2f} h"
+        )
     utts, _ = scan_librispeech(REPO / "data/librispeech-mini", "train-clean-100")
     data = WindowBatches(utts, 20480, args.batch, "mixed", seed=0)
     t = time.perf_counter()
     for s in range(20):
         data[s]
     per = (time.perf_counter() - t) / 20
-    print(f"data: one worker decodes a batch of {args.batch} FLAC windows in {per * 1e3:.1f} ms "
-          f"({args.batch * 20480 / 16000 / per:.0f} audio-s/s per worker)")
+    print(
+        f"data: one worker decodes a batch of {args.batch} FLAC windows in {per * 1e3:.1f} ms "
+        f"({args.batch * 20480 / 16000 / per:.0f} audio-s/s per worker)"
+    )
 
 
 if __name__ == "__main__":

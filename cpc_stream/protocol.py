@@ -65,7 +65,9 @@ def decode(frames: list[bytes]) -> Message:
     except ValueError as e:
         raise ProtocolError(f"header is not JSON: {e}") from None
     if not isinstance(head, dict) or head.get("v") != VERSION:
-        raise ProtocolError(f"unsupported header version {head.get('v') if isinstance(head, dict) else head!r}")
+        raise ProtocolError(
+            f"unsupported header version {head.get('v') if isinstance(head, dict) else head!r}"
+        )
     data = None
     if "shape" in head:
         if head.get("dtype") != "<f4":

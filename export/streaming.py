@@ -136,7 +136,9 @@ class StreamingCPC(nn.Module):
         all_scores = (ps.flatten(1, 2) @ z_all.transpose(1, 2)).unflatten(
             1, (f, k)
         ) * self.scale  # (B,F,K,W+F)
-        t = frame_index.unsqueeze(1) + torch.arange(f, dtype=torch.int64, device=dev)  # (B, F) global frame index
+        t = frame_index.unsqueeze(1) + torch.arange(
+            f, dtype=torch.int64, device=dev
+        )  # (B, F) global frame index
         col = torch.arange(w + f, dtype=torch.int64, device=dev)
         row = col[:f].unsqueeze(1)  # new frame i
         in_band = (col >= row) & (col <= row + w)  # (F, W+F)

@@ -25,3 +25,19 @@ def _few_threads():
     torch.set_num_threads(min(n, 2))
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(tmp_path_factory):
+    """A small random-init model exported at F=4 (W=16), with its torch model for offline references."""
+    import torch
+    from cpc_export.export import export_onnx
+    from cpc_training import config
+    from cpc_training.model import CPC
+
+    cfg = config.load(None, ["model.enc_dim=64", "model.ctx_dim=32", "model.n_steps=4"])
+    torch.manual_seed(0)
+    model = CPC(cfg.model).eval()
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
+    export_onnx(model, cfg, 0, path, 4, 16)
+    return path, model

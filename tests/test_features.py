@@ -5,7 +5,6 @@ import pytest
 import soundfile as sf
 import soxr
 import torch
-
 from conftest import MINI, UTT_4051
 from cpc_training import config, features, train
 

@@ -1,21 +1,16 @@
-"""Configuration: one small object, loaded from config.yaml and overridden by `section.key=value` arguments.
-
-Every key is declared here with its type and default; an unknown key or a value of the wrong type or
-outside its allowed set is a one-line UserError that names it.
-"""
+"""Training configuration: one small object, loaded from config.yaml and overridden by `section.key=value`
+arguments (cpc_stream.settings does the checking: unknown keys and bad values are one-line errors)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from cpc_stream.errors import UserError
+from cpc_stream import settings
 
 # Architecture constants of the paper's encoder (section 3.1). They are not configuration: the streaming
 # export, the conv caches and the 160-sample hop all rest on them.
@@ -88,93 +83,29 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-CHOICES = {
-    "model.norm": ("none", "channel"),
-    "model.score": ("cosine", "dot", "dot_scaled"),
-    "data.batching": ("mixed", "same_speaker"),
-    "negatives.source": ("batch", "batch_excl_current", "current_sequence"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("bf16", "none"),
-}
-POSITIVE = {
-    "model.enc_dim", "model.ctx_dim", "model.n_steps", "model.temperature", "data.window",
-    "data.batch_size", "negatives.count", "train.max_steps", "train.lr", "train.grad_accum",
-    "train.log_every", "train.ckpt_every",
-}  # fmt: skip
-
-
-def _coerce(key: str, value: object, typ: type) -> object:
-    """Check one value against its declared type (ints are accepted for floats)."""
-    if typ is bool:
-        ok = isinstance(value, bool)
-    elif typ is float:
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif typ is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise UserError(f"config key {key}: expected {typ.__name__}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"config key {key}: {value!r} is not one of {', '.join(CHOICES[key])}")
-    if key in POSITIVE and value <= 0:
-        raise UserError(f"config key {key}: must be > 0, got {value!r}")
-    if key.endswith((".workers", ".threads", ".warmup_steps", ".grad_clip", ".weight_decay")) and value < 0:
-        raise UserError(f"config key {key}: must be >= 0, got {value!r}")
-    return value
-
-
-def _field_types(section: object) -> dict[str, type]:
-    hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
-
-
-def set_key(cfg: Config, key: str, value: object) -> None:
-    """Set `section.name` on cfg after checking that the key exists and the value fits."""
-    section_name, _, name = key.partition(".")
-    section = getattr(cfg, section_name, None) if section_name in _field_types(cfg) else None
-    if section is None or not name:
-        raise UserError(f"unknown config key {key!r} (sections: {', '.join(_field_types(cfg))})")
-    types_ = _field_types(section)
-    if name not in types_:
-        raise UserError(f"unknown config key {key!r} (known in {section_name}: {', '.join(types_)})")
-    setattr(section, name, _coerce(key, value, types_[name]))
+RULES = settings.Rules(
+    choices={
+        "model.norm": ("none", "channel"),
+        "model.score": ("cosine", "dot", "dot_scaled"),
+        "data.batching": ("mixed", "same_speaker"),
+        "negatives.source": ("batch", "batch_excl_current", "current_sequence"),
+        "train.device": ("auto", "cpu", "cuda"),
+        "train.amp": ("bf16", "none"),
+    },
+    positive=frozenset({
+        "model.enc_dim", "model.ctx_dim", "model.n_steps", "model.temperature", "data.window",
+        "data.batch_size", "negatives.count", "train.max_steps", "train.lr", "train.grad_accum",
+        "train.log_every", "train.ckpt_every",
+    }),
+    foreign=("stream",),  # the daemon's section of config.yaml
+)  # fmt: skip
 
 
 def from_dict(d: dict) -> Config:
     """Build a Config from a nested dict (a YAML file or a checkpoint's saved config)."""
-    cfg = Config()
-    if not isinstance(d, dict):
-        raise UserError("config must be a mapping of sections (model, data, negatives, train)")
-    for section, values in d.items():
-        if not isinstance(values, dict):
-            raise UserError(f"config section {section!r} must be a mapping, got {values!r}")
-        for name, value in values.items():
-            set_key(cfg, f"{section}.{name}", value)
-    return cfg
+    return settings.from_dict(Config, d, RULES)
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply `key=value` overrides."""
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} not found")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = from_dict(d)
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq:
-            raise UserError(f"override {item!r}: expected section.key=value")
-        set_key(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return cfg
+    return settings.load(Config, path, overrides, RULES)
