@@ -185,6 +185,33 @@ def test_sigterm_mid_file_ends_the_stream_cleanly(small_onnx):
     assert len(frames_of(got[name]["c"])) + first.header["count"] == eos[name]["frames"]
 
 
+def test_late_joiner_gets_metadata_at_once_and_stats_report_the_daemon(small_onnx):
+    path, _ = small_onnx
+    proc, endpoint = start_daemon(path, "--file", str(UTT_2911), "--realtime", "--publish-z",
+                                  "--set", "stream.meta_interval=600", "--set", "stream.stats_interval=0.5")  # fmt: skip
+    try:
+        time.sleep(2.0)  # join late: the only periodic metadata went out long ago
+        with Subscriber(endpoint, kinds=("z",), stats=True) as sub:
+            t = time.monotonic()
+            meta = sub.wait_meta(timeout=5)
+            assert time.monotonic() - t < 1.0 and meta["kinds"] == ["c", "scores", "z"]
+            stats, z = None, None
+            while stats is None or z is None:
+                msg = sub.recv(timeout=5)
+                assert msg is not None
+                if msg.kind == "stats":
+                    stats = msg.header
+                elif msg.kind == "z":
+                    z = msg
+        assert z.data.shape == (4, 64) and z.header["frame"] > 0
+        s = stats["streams"]["2911-12359-0007"]
+        assert s["frames"] > 100 and s["dropped_s"] == 0 and s["queued_s"] < 1.0
+        assert stats["rtf"] is not None and 0 < stats["rtf"] < 1 and stats["subscribers"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+
+
 def run_cli(*args, timeout=60):
     r = subprocess.run(
         [sys.executable, "-m", "cpc_stream.cli", *args],
