@@ -182,13 +182,17 @@ class Daemon:
             stamps.append((t_mono, t_wall))
         if not ready:
             return False
+        everyone = len(ready) == len(self.streams)
         idx = np.array(ready)
-        sub_state = {k: v[idx] for k, v in self.state.items()}
+        sub_state = self.state if everyone else {k: v[idx] for k, v in self.state.items()}
         t0 = time.perf_counter()
         out, new_state = self.model.step(np.stack(audio), sub_state)
         self.compute_s += time.perf_counter() - t0
-        for k, v in new_state.items():
-            self.state[k][idx] = v
+        if everyone:  # the common case: no gather/scatter copies of the state
+            self.state = new_state
+        else:
+            for k, v in new_state.items():
+                self.state[k][idx] = v
         for row, (i, frames, (t_mono, t_wall)) in enumerate(zip(ready, real_frames, stamps, strict=True)):
             s = self.streams[i]
             self.audio_s += frames * hop / RATE

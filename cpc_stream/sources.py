@@ -158,7 +158,9 @@ class Source:
 class FileSource(Source):
     """Any file soundfile reads (any rate, channels, sample width); as fast as possible or paced."""
 
-    def __init__(self, name: str, path: str | Path, realtime: bool = False, block_seconds: float = 0.05):
+    def __init__(
+        self, name: str, path: str | Path, realtime: bool = False, block_seconds: float | None = None
+    ):
         super().__init__(name)
         try:
             self.file = sf.SoundFile(str(path))
@@ -166,6 +168,8 @@ class FileSource(Source):
             reason = "no such file" if not Path(path).exists() else str(e).splitlines()[0]
             raise UserError(f"cannot read audio file {path}: {reason}") from None
         self.live = realtime
+        # Paced: 10 ms blocks, like a microphone's; otherwise large blocks for throughput.
+        block_seconds = block_seconds or (0.01 if realtime else 0.25)
         self.block = max(1, int(self.file.samplerate * block_seconds))
         self.resample = Resampler(self.file.samplerate)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: set up, train a CPU-sized CPC model on the bundled LibriSpeech utterances
 # (about 3 minutes on 2 cores), export it to a streaming ONNX graph with its equality proof, and extract
-# offline features of a held-out utterance. Everything lands in runs/demo/.
+# offline features of a held-out utterance, then serve it live through cpc-stream to cpc-listen.
+# Everything lands in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,4 +17,10 @@ cpc-export --checkpoint $run/checkpoint.pt --out $run/cpc.onnx --frames-per-call
 echo "== cpc-features: offline z, c and k-step scores of a test-clean utterance"
 cpc-features --checkpoint $run/checkpoint.pt --out $run/features \
   data/librispeech-mini/test-clean/1089/134686/1089-134686-0000.flac
-echo "demo: done. Model $run/cpc.onnx, metrics $run/metrics.jsonl, features $run/features/"
+echo "== cpc-stream: the daemon streams a test-clean utterance at real time; cpc-listen shows and records it"
+cpc-listen --until-eos --record $run/listened.npz &
+listener=$!
+cpc-stream --model $run/cpc.onnx --file data/librispeech-mini/test-clean/1089/134686/1089-134686-0001.flac \
+  --realtime --wait-subscribers 1
+wait $listener
+echo "demo: done. Model $run/cpc.onnx, metrics $run/metrics.jsonl, features $run/features/, stream $run/listened.npz"
