@@ -95,6 +95,22 @@ class Subscriber:
                     self.gaps.append((kind, msg.stream, self._next[key], last + 1))
                     self.lost += last + 1 - self._next[key]
 
+    def _read(self, wait_ms: int | None) -> tuple[bool, Message | None]:
+        """Poll once. Returns (False, None) on timeout, else (True, message); metadata is absorbed into
+        .meta and malformed messages are dropped, both giving (True, None)."""
+        if not self.sock.poll(wait_ms):
+            return False, None
+        try:
+            msg = protocol.decode(self.sock.recv_multipart())
+        except protocol.ProtocolError as e:
+            log.warning("dropped a malformed message: %s", e)
+            return True, None
+        if msg.kind == "meta":
+            self.meta = msg.header
+            return True, None
+        self._track(msg)
+        return True, msg
+
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next message other than metadata, or None after `timeout` seconds."""
         if self._pending:
@@ -102,35 +118,22 @@ class Subscriber:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            if not self.sock.poll(wait):
+            got, msg = self._read(wait)
+            if not got:
                 return None
-            try:
-                msg = protocol.decode(self.sock.recv_multipart())
-            except protocol.ProtocolError as e:
-                log.warning("dropped a malformed message: %s", e)
-                continue
-            if msg.kind == "meta":
-                self.meta = msg.header
-                continue
-            self._track(msg)
-            return msg
+            if msg is not None:
+                return msg
 
     def wait_meta(self, timeout: float = 5.0) -> dict:
-        """Block until the daemon's metadata arrived (it is sent to each new subscriber at once)."""
+        """Block until the daemon's metadata arrived (it is sent to each new subscriber at once).
+        Data arriving first is kept for recv()."""
         deadline = time.monotonic() + timeout
         while self.meta is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
+            got, msg = self._read(max(0, int(left * 1000)))
+            if not got:
                 raise TimeoutError(f"no metadata from the daemon within {timeout} s")
-            try:
-                msg = protocol.decode(self.sock.recv_multipart())
-            except protocol.ProtocolError as e:
-                log.warning("dropped a malformed message: %s", e)
-                continue
-            if msg.kind == "meta":
-                self.meta = msg.header
-            else:
-                self._track(msg)
+            if msg is not None:
                 self._pending.append(msg)
         return self.meta
 
