@@ -134,3 +134,15 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     train.train(tiny(tmp_path, "train.max_steps=1"), quiet=True)
     with pytest.raises(UserError, match="trained with another model config"):
         train.train(tiny(tmp_path, "train.max_steps=2", "model.ctx_dim=16"), quiet=True)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_cpu(tmp_path):
+    """The torchrun path (DDP over gloo) trains, averages the metrics of both ranks and checkpoints once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cpc_training.train", "--quiet", *TINY, f"train.out_dir={tmp_path}", "train.max_steps=4"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("cpc-train: done: step 4") == 1  # rank 0 only
+    assert len(metrics(tmp_path)) == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4

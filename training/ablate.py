@@ -34,7 +34,7 @@ PAPER = {  # Table 2, phone classification accuracy (%)
 
 
 def run_ablation(args) -> int:
-    from .eval import load_eval_data, probe_accuracy
+    from .eval import load_eval_data, probe_accuracy, split_features
 
     grids = [g for g in args.grid.split(",") if g]
     unknown = set(grids) - set(GRIDS)
@@ -51,7 +51,9 @@ def run_ablation(args) -> int:
             summary = train_mod.train(cfg, quiet=True)
             model, _ = train_mod.model_from_checkpoint(train_mod.load_checkpoint(summary["checkpoint"]))
             device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-            acc = probe_accuracy("phone", "cpc", model.to(device), data, args, device)
+            acc = probe_accuracy(
+                "phone", "cpc", split_features("cpc", model.to(device), data, device), data, args, device
+            )
             rows.append({"grid": grid, "name": name, "phone": acc, "paper": PAPER[name], "steps": summary["step"],
                          "final_loss": summary["loss"]})  # fmt: skip
             print(

@@ -86,22 +86,28 @@ def paired(
 
 
 def probe_accuracy(
-    task: str, kind: str, model: CPC | None, data: dict, args, device: torch.device, save: Path | None = None
+    task: str,
+    kind: str,
+    feats: dict[str, list[np.ndarray]],
+    data: dict,
+    args,
+    device: torch.device,
+    save: Path | None = None,
 ) -> float:
-    """Train the linear probe of `task` on `kind` features of the train split; frame accuracy on test."""
+    """Train the linear probe of `task` on the train-split features of `kind`; frame accuracy on the test split.
+    feats: {"train": [(frames, dim) per utterance], "test": [...]} in the order of data["train"/"test"]."""
     delay = 0 if kind == "mfcc" else args.label_delay
     sets = {}
     for split in ("train", "test"):
         utts = data[split]
-        feats = features(kind, model, utts, device)
         if task == "phone":
             labels = [data["phones"][u.id] for u in utts]
         else:
             labels = [
                 np.full(len(f) + delay, data["speaker_index"][u.speaker])
-                for f, u in zip(feats, utts, strict=True)
+                for f, u in zip(feats[split], utts, strict=True)
             ]
-        sets[split] = paired(feats, labels, delay, args.frame_stride)
+        sets[split] = paired(feats[split], labels, delay, args.frame_stride)
     classes = data["n_phones"] if task == "phone" else len(data["speaker_index"])
     (xtr, ytr), (xte, yte) = sets["train"], sets["test"]
     probe = fit_linear_probe(xtr, ytr, classes, device=device)
@@ -114,6 +120,12 @@ def probe_accuracy(
         )
         save_probe(save, probe, names)
     return float((pred == yte).mean())
+
+
+def split_features(
+    kind: str, model: CPC | None, data: dict, device: torch.device
+) -> dict[str, list[np.ndarray]]:
+    return {split: features(kind, model, data[split], device) for split in ("train", "test")}
 
 
 def load_eval_data(args, need_phones: bool) -> dict:
@@ -169,9 +181,10 @@ def run_probes(args, tasks: list[str]) -> dict:
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
     for kind, model in encoders(args, device).items():
+        feats = split_features(kind, model, data, device)
         for task in tasks:
             save = save_dir / f"{kind}_{task}_probe.npz" if save_dir else None
-            acc = probe_accuracy(task, kind, model, data, args, device, save)
+            acc = probe_accuracy(task, kind, feats, data, args, device, save)
             results["accuracy"].setdefault(kind, {})[task] = acc
             print(f"cpc-eval: {task:7s} {NAMES[kind]:22s} {100 * acc:6.2f} %", file=sys.stderr, flush=True)
     return results
