@@ -67,12 +67,13 @@ def test_table_compares_cpc_with_both_baselines(corpus, tiny_ckpt, tmp_path, cap
     root, stats = corpus
     out = tmp_path / "r.json"
     assert cpc_eval.main(["table", *data_args(root, "--checkpoint", str(tiny_ckpt), "--json", str(out),
+                                              "--baselines", "random,mfcc,mfcc13",
                                               "--save-probes", str(tmp_path / "probes"))]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    for row in ("Random initialization", "MFCC features", "CPC"):
+    for row in ("Random initialization", "MFCC features", "MFCC, no deltas", "CPC"):
         assert row in text
     res = json.loads(out.read_text())
-    assert set(res["accuracy"]) == {"cpc", "random", "mfcc"}
+    assert set(res["accuracy"]) == {"cpc", "random", "mfcc", "mfcc13"}
     for accs in res["accuracy"].values():
         assert set(accs) == {"phone", "speaker"} and all(0 <= a <= 1 for a in accs.values())
     assert res["accuracy"]["mfcc"]["speaker"] > 1 / 3  # MFCC separates espeak voices better than chance

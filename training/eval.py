@@ -10,7 +10,8 @@ Protocol (van den Oord et al., 2018, section 3.1; CPC_audio's linear_separabilit
 classifier on frozen features, trained on the utterances of train_split.txt and reported as frame
 accuracy on test_split.txt; features standardised with the training set's statistics; no averaging over
 time. Features: `cpc` (c_t of the checkpoint), `random` (the same architecture at random init), `mfcc`
-(13 MFCC + deltas + delta-deltas, 25 ms windows every 10 ms, librosa).
+(13 MFCC + deltas + delta-deltas, 25 ms windows every 10 ms, librosa), `mfcc13` (the 13 coefficients
+alone: no deltas, so no look-ahead beyond the labelled window, like the causal c_t).
 
 Alignment. A phone label i of converted_aligned_phones.txt describes the 25 ms window of samples
 [160 i, 160 i + 400). The causal frame t has seen samples < 160 (t + 1), so frame i + 2 is the first
@@ -45,7 +46,12 @@ PAPER = {  # Table 1: phone / speaker accuracy (%)
     "cpc": (64.6, 97.4),
     "supervised": (74.6, 98.5),
 }
-NAMES = {"random": "Random initialization", "mfcc": "MFCC features", "cpc": "CPC"}
+NAMES = {
+    "random": "Random initialization",
+    "mfcc": "MFCC features",
+    "mfcc13": "MFCC, no deltas",
+    "cpc": "CPC",
+}
 
 
 def mfcc(wav: np.ndarray) -> np.ndarray:
@@ -65,8 +71,8 @@ def features(kind: str, model: CPC | None, utts: list[Utterance], device: torch.
     out = []
     for u in utts:
         wav = load_audio(u.path, SAMPLE_RATE)
-        if kind == "mfcc":
-            out.append(mfcc(wav))
+        if kind in ("mfcc", "mfcc13"):
+            out.append(mfcc(wav)[:, : 13 if kind == "mfcc13" else None])
         else:
             _, c = model(torch.from_numpy(wav)[None].to(device))
             out.append(c[0].float().cpu().numpy())
@@ -96,7 +102,7 @@ def probe_accuracy(
 ) -> float:
     """Train the linear probe of `task` on the train-split features of `kind`; frame accuracy on the test split.
     feats: {"train": [(frames, dim) per utterance], "test": [...]} in the order of data["train"/"test"]."""
-    delay = 0 if kind == "mfcc" else args.label_delay
+    delay = 0 if kind.startswith("mfcc") else args.label_delay
     sets = {}
     for split in ("train", "test"):
         utts = data[split]
@@ -161,11 +167,12 @@ def encoders(args, device: torch.device) -> dict[str, CPC | None]:
     if "random" in kinds:
         torch.manual_seed(args.seed)
         out["random"] = CPC(cfg.model).eval().to(device)
-    if "mfcc" in kinds:
-        out["mfcc"] = None
-    unknown = set(kinds) - {"random", "mfcc"}
+    for kind in ("mfcc", "mfcc13"):
+        if kind in kinds:
+            out[kind] = None
+    unknown = set(kinds) - {"random", "mfcc", "mfcc13"}
     if unknown:
-        raise UserError(f"--baselines: unknown {sorted(unknown)} (expected random, mfcc)")
+        raise UserError(f"--baselines: unknown {sorted(unknown)} (expected random, mfcc, mfcc13)")
     if not out:
         raise UserError("nothing to evaluate: give --checkpoint and/or --baselines")
     return out
@@ -196,13 +203,14 @@ def format_table(results: dict) -> str:
         f"{'Method':24s} {'Phone acc. (%)':>15s} {'paper':>7s} {'Speaker acc. (%)':>17s} {'paper':>7s}",
         "-" * 74,
     ]
-    for kind in ("random", "mfcc", "cpc"):
+    for kind in ("random", "mfcc", "mfcc13", "cpc"):
         if kind not in results["accuracy"]:
             continue
         acc = results["accuracy"][kind]
         ph = f"{100 * acc['phone']:.1f}" if "phone" in acc else "-"
         sp = f"{100 * acc['speaker']:.1f}" if "speaker" in acc else "-"
-        lines.append(f"{NAMES[kind]:24s} {ph:>15s} {PAPER[kind][0]:>7.1f} {sp:>17s} {PAPER[kind][1]:>7.1f}")
+        paper = PAPER.get(kind, ("-", "-"))
+        lines.append(f"{NAMES[kind]:24s} {ph:>15s} {paper[0]:>7} {sp:>17s} {paper[1]:>7}")
     lines.append(f"({results['train_utterances']} train / {results['test_utterances']} test utterances, "
                  f"{results['speakers']} speakers, {results['phone_classes'] or '-'} phone classes; paper: LibriSpeech-100, 41 / 251)")  # fmt: skip
     return "\n".join(lines)
@@ -215,7 +223,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", required=True)
     p.add_argument("--phones", help="converted_aligned_phones.txt")
     p.add_argument("--checkpoint", help="cpc-train checkpoint (omit to run baselines only)")
-    p.add_argument("--baselines", default="random,mfcc", help="comma list of random, mfcc ('' for none)")
+    p.add_argument(
+        "--baselines", default="random,mfcc", help="comma list of random, mfcc, mfcc13 (no deltas), or ''"
+    )
     p.add_argument("--label-delay", type=int, default=2, help="causal frame i + delay is paired with label i")
     p.add_argument(
         "--frame-stride", type=int, default=1, help="keep every n-th frame (memory on the full set)"
