@@ -9,6 +9,7 @@ from cpc_training.loss import info_nce, sample_negatives
 from cpc_training.model import CPC
 
 
+@torch.no_grad()
 def reference_info_nce(model, z, c, neg_idx):
     """Loop over k, b, t: -log softmax of the positive among [positive, negatives], float64."""
     b_n, t_n, d = z.shape
