@@ -238,10 +238,17 @@ class StdinSource(Source):
         return "stopped"
 
 
-def list_devices() -> str:
-    import sounddevice as sd
+def _sounddevice():
+    """sounddevice needs the PortAudio library, which its Linux wheels do not bundle."""
+    try:
+        import sounddevice
+    except OSError as e:
+        raise UserError(f"audio capture needs PortAudio ({e}): apt-get install libportaudio2") from None
+    return sounddevice
 
-    return str(sd.query_devices())
+
+def list_devices() -> str:
+    return str(_sounddevice().query_devices())
 
 
 class MicSource(Source):
@@ -251,9 +258,7 @@ class MicSource(Source):
 
     def __init__(self, name: str, device: str | int | None, queue_seconds: float = 5.0):
         super().__init__(name)
-        import sounddevice as sd
-
-        self.sd = sd
+        self.sd = sd = _sounddevice()
         try:
             dev = int(device) if isinstance(device, str) and device.isdigit() else device
             info = sd.query_devices(dev, kind="input")
