@@ -79,6 +79,10 @@ class Daemon:
     def __init__(
         self, cfg: StreamSection, model: StreamingModel, sources: list[Source], wait_subscribers: int = 0
     ):
+        if model.info.sample_rate != RATE:
+            raise UserError(
+                f"the model expects {model.info.sample_rate} Hz audio; the sources deliver {RATE} Hz"
+            )
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
             raise UserError(f"stream names must be unique, got {names}")

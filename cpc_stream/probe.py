@@ -10,16 +10,20 @@ from .errors import UserError
 
 
 class LinearProbe:
-    """Softmax classifier over standardised features, as saved by cpc_training.probe.save_probe."""
+    """Softmax classifier over standardised features: W (classes, dim), b (classes,), mean and std (dim,),
+    as fitted by cpc_training.probe.fit_linear_probe and saved by save_probe."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, W: np.ndarray, b: np.ndarray, mean: np.ndarray, std: np.ndarray, classes: list[str]):
+        self.W, self.b, self.mean, self.std, self.classes = W, b, mean, std, list(classes)
+        self.dim = W.shape[1]
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearProbe:
         try:
             d = np.load(path)
-            self.W, self.b, self.mean, self.std = d["W"], d["b"], d["mean"], d["std"]
-            self.classes = [str(c) for c in d["classes"]]
+            return cls(d["W"], d["b"], d["mean"], d["std"], [str(c) for c in d["classes"]])
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"probe file {path} is not a cpc-stream linear probe ({e})") from None
-        self.dim = self.W.shape[1]
 
     def log_probs(self, feats: np.ndarray) -> np.ndarray:
         """feats (frames, dim) -> (frames, classes) log-probabilities."""
@@ -28,6 +32,10 @@ class LinearProbe:
         logits = ((feats - self.mean) / self.std) @ self.W.T + self.b
         logits -= logits.max(axis=-1, keepdims=True)
         return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        """feats (frames, dim) -> most probable class index per frame (frames,)."""
+        return self.log_probs(feats).argmax(axis=-1)
 
 
 class Smoother:

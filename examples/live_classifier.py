@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        probe = LinearProbe(args.probe)
+        probe = LinearProbe.load(args.probe)
         out = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115
         smoothers, current, seen, ended = {}, {}, set(), set()
         with Subscriber(args.connect, kinds=("c",)) as sub:

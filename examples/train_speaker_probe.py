@@ -18,6 +18,7 @@ from cpc_training.probe import fit_linear_probe, save_probe
 from cpc_training.train import load_checkpoint, model_from_checkpoint
 
 from cpc_stream.audio import load_audio
+from cpc_stream.probe import LinearProbe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +41,9 @@ def main() -> None:
             parts[name][0].append(c[sl])
             parts[name][1].append(np.full(len(c[sl]), label))
     (xtr, ytr), (xte, yte) = ((np.concatenate(a), np.concatenate(b)) for a, b in parts.values())
-    probe = fit_linear_probe(xtr, ytr, len(speakers))
-    acc = float((((xte - probe["mean"]) / probe["std"] @ probe["W"].T + probe["b"]).argmax(1) == yte).mean())
-    save_probe(args.out, probe, speakers)
+    fitted = fit_linear_probe(xtr, ytr, len(speakers))
+    acc = float((LinearProbe(**fitted, classes=speakers).predict(xte) == yte).mean())
+    save_probe(args.out, fitted, speakers)
     print(
         f"speaker probe: {len(speakers)} speakers, {len(xtr)} train / {len(xte)} test frames, "
         f"test frame accuracy {acc:.3f} (chance {1 / len(speakers):.3f}); saved {args.out}"

@@ -32,7 +32,7 @@ def test_live_classifier_decides_per_frame_as_the_offline_probe(small_onnx, tmp_
     out, err = clf.communicate(timeout=60)
     assert clf.returncode == 0, err
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    probe = LinearProbe(probe_path)
+    probe = LinearProbe.load(probe_path)
     lp = probe.log_probs(feats[UTT_2911])
     assert [r["frame"] for r in rows] == list(range(len(lp)))
     assert [r["raw"] for r in rows] == [probe.classes[i] for i in lp.argmax(1)]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from cpc_stream.errors import UserError
 
 from . import config as config_mod
@@ -34,7 +32,7 @@ PAPER = {  # Table 2, phone classification accuracy (%)
 
 
 def run_ablation(args) -> int:
-    from .eval import load_eval_data, probe_accuracy, split_features
+    from .eval import eval_device, load_eval_data, probe_accuracy, split_features
 
     grids = [g for g in args.grid.split(",") if g]
     unknown = set(grids) - set(GRIDS)
@@ -43,6 +41,7 @@ def run_ablation(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_eval_data(args, need_phones=True)
+    device = eval_device(args)
     rows = []
     for grid in grids:
         for name, overrides in GRIDS[grid]:
@@ -50,7 +49,6 @@ def run_ablation(args) -> int:
             cfg = config_mod.load(args.config, [*args.overrides, *overrides, f"train.out_dir={out / slug}"])
             summary = train_mod.train(cfg, quiet=True)
             model, _ = train_mod.model_from_checkpoint(train_mod.load_checkpoint(summary["checkpoint"]))
-            device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
             acc = probe_accuracy(
                 "phone", "cpc", split_features("cpc", model.to(device), data, device), data, args, device
             )

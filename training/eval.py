@@ -3,7 +3,7 @@
     cpc-eval phone   --checkpoint CKPT --root DIR --train-split F --test-split F --phones F
     cpc-eval speaker --checkpoint CKPT --root DIR --train-split F --test-split F
     cpc-eval table   ...same arguments...         both probes, CPC against MFCC and a random encoder
-    cpc-eval ablate  --config config.yaml --steps 1500 ...   train + probe the Table 2 grid
+    cpc-eval ablate  ...data arguments... --out DIR [train.max_steps=1500 ...]   train + probe Table 2
     cpc-eval plots   --checkpoint CKPT --root DIR --test-split F --out DIR   Figure 3 and a t-SNE
 
 Protocol (van den Oord et al., 2018, section 3.1; CPC_audio's linear_separability): a linear softmax
@@ -178,8 +178,13 @@ def encoders(args, device: torch.device) -> dict[str, CPC | None]:
     return out
 
 
+def eval_device(args) -> torch.device:
+    """CUDA when present unless --device cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+
+
 def run_probes(args, tasks: list[str]) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    device = eval_device(args)
     data = load_eval_data(args, "phone" in tasks)
     results: dict = {"tasks": tasks, "accuracy": {}, "frames_stride": args.frame_stride, "label_delay": args.label_delay,
                      "train_utterances": len(data["train"]), "test_utterances": len(data["test"]),
