@@ -1,9 +1,10 @@
 """Per-call cost of the streaming ONNX graph on onnxruntime's CPU provider, against the compute floor.
 
-    python bench/stream_step.py [--model cpc.onnx] [--threads 1] [--calls 300]
+    python bench/stream_step.py [--model cpc.onnx] [--threads 1] [--calls 300] [--weights fp32,int8]
 
-Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F (the
-weights' values do not change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times
+Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F and
+each weight kind (fp32, and the int8 variant of `cpc-export --weights int8`; the weights' values do not
+change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times
 session.run back to back and paced at real time (a call every F x 10 ms, as the daemon runs), and prints
 median / p99 ms per call, ms per frame per stream, the real-time factor of the whole batch, and the ratio
 to the compute floor: the model's multiply-adds per frame at the rate of a large float32 matrix product
@@ -25,8 +26,9 @@ from onnx import TensorProto, helper
 from cpc_stream.engine import StreamingModel
 
 
-def matmul_rate(threads: int, n: int = 1024, reps: int = 20) -> float:
-    """Multiply-adds per second of an n x n x n float32 MatMul in onnxruntime."""
+def matmul_rate(threads: int, n: int = 1024, reps: int = 30) -> float:
+    """Multiply-adds per second of an n x n x n float32 MatMul in onnxruntime: the best of `reps` runs,
+    so that a noisy neighbour makes the floor lower (the ratios stricter), never higher."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
@@ -45,7 +47,7 @@ def matmul_rate(threads: int, n: int = 1024, reps: int = 20) -> float:
         t = time.perf_counter()
         sess.run(None, {"a": a, "b": b})
         times.append(time.perf_counter() - t)
-    return n**3 / float(np.median(times))
+    return n**3 / float(np.min(times))
 
 
 def macs_per_frame(m: StreamingModel) -> int:
@@ -81,7 +83,7 @@ def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.nda
     return times
 
 
-def export_random_paper_model(frames_per_call: int, out: Path) -> Path:
+def export_random_paper_model(frames_per_call: int, out: Path, weights: str = "fp32") -> Path:
     import torch
     from cpc_export.export import export_onnx
     from cpc_training.config import Config
@@ -89,7 +91,7 @@ def export_random_paper_model(frames_per_call: int, out: Path) -> Path:
 
     cfg = Config()
     torch.manual_seed(0)
-    export_onnx(CPC(cfg.model).eval(), cfg, 0, out, frames_per_call, 128)
+    export_onnx(CPC(cfg.model).eval(), cfg, 0, out, frames_per_call, 128, weights)
     return out
 
 
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--frames", default="1,2,4,10")
     ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--weights", default="fp32,int8", help="weight kinds to export (without --model)")
     args = ap.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}, "
@@ -113,10 +116,14 @@ def main() -> None:
     paths = (
         [Path(args.model)]
         if args.model
-        else [export_random_paper_model(int(f), tmp / f"f{f}.onnx") for f in args.frames.split(",")]
+        else [
+            export_random_paper_model(int(f), tmp / f"f{f}_{w}.onnx", w)
+            for w in args.weights.split(",")
+            for f in args.frames.split(",")
+        ]
     )
     print(
-        f"{'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7}"
+        f"{'weights':>7} {'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7}"
     )
     for path in paths:
         m = StreamingModel(path, providers="cpu", threads=args.threads)
@@ -128,7 +135,7 @@ def main() -> None:
                 med, p99 = float(np.median(t)), float(np.percentile(t, 99))
                 per_frame = med / (f * b)
                 print(
-                    f"{f:>3} {b:>3} {'paced' if paced else 'b2b':>7} {med:11.3f} {p99:11.3f} {per_frame:15.3f} "
+                    f"{m.info.weights:>7} {f:>3} {b:>3} {'paced' if paced else 'b2b':>7} {med:11.3f} {p99:11.3f} {per_frame:15.3f} "
                     f"{med / (f * 10):6.3f} {per_frame / floor_ms:7.2f}"
                 )
         print(

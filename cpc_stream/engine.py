@@ -28,6 +28,8 @@ STATE_NAMES = (
     "gru_h", "pred_history", "z_history", "frame_index",
 )  # fmt: skip
 OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
+WEIGHT_KINDS = ("fp32", "int8")
+OPTIONAL_KEYS = ("weights",)  # added after format 1 shipped; absent means fp32
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class ModelInfo:
     config_hash: str = ""
     train_step: int = 0
     exported_by: str = ""
+    weights: str = "fp32"  # or "int8": 8-bit matrix weights, outputs within the stated tolerance
 
     def to_metadata(self) -> dict[str, str]:
         meta = {FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}"}
@@ -67,6 +70,8 @@ class ModelInfo:
             )
         kwargs = {}
         for f in cls.__dataclass_fields__.values():
+            if f.name in OPTIONAL_KEYS and f.name not in meta:
+                continue
             if f.name not in meta:
                 raise UserError(f"{source}: metadata key {f.name!r} is missing")
             raw = meta[f.name]
@@ -78,6 +83,10 @@ class ModelInfo:
                 )
             except ValueError:
                 raise UserError(f"{source}: metadata key {f.name!r} has a bad value {raw!r}") from None
+        if kwargs.get("weights", "fp32") not in WEIGHT_KINDS:
+            raise UserError(
+                f"{source}: weights {kwargs['weights']!r} unknown (this runtime reads {', '.join(WEIGHT_KINDS)})"
+            )
         if meta.get("state_names") != ",".join(STATE_NAMES) or set(kwargs["state_shapes"]) != set(
             STATE_NAMES
         ):

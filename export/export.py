@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from cpc_training.config import HOP, SAMPLE_RATE, Config
+from cpc_training.config import HOP, SAMPLE_RATE, STRIDES, Config
 from cpc_training.model import CPC, prediction_scores
 from cpc_training.train import load_checkpoint, model_from_checkpoint
 
 import cpc_stream
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, ModelInfo, StreamingModel
+from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo, StreamingModel
 from cpc_stream.errors import UserError, run_cli
 
 from .streaming import StreamingCPC, state_shapes, zero_state
@@ -39,13 +39,95 @@ DEFAULT_CHECK_AUDIO = REPO / "data/librispeech-mini/test-clean/1089/134686/1089-
 # Max abs difference allowed between the graph run hop by hop and the model run offline. Measured
 # differences are ~1e-6 (z, c) and ~1e-5 (scores, scaled by 1/temperature); see docs/onnx-contract.md.
 TOLERANCE = {"z": 1e-4, "c": 1e-4, "scores": 1e-3, "logprob": 1e-3}
+# The int8 variant's weights are 8-bit: its outputs are held to a looser, stated bound (onnx-contract.md).
+TOLERANCE_INT8 = {"z": 0.1, "c": 0.05, "scores": 0.1, "logprob": 0.1}
+INT8_BLOCK = 128  # weights share one scale per block of 128 along the input axis
+
+
+def _rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
+    """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
+    quantised to uint8 with its own scale (max / 255), weight to int8 with one scale per output column,
+    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a, name = node.input[0], node.name
+    w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / 127.0  # (N,)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.round(weight / w_scale).astype(np.int8), f"{name}_w_int8"),
+            numpy_helper.from_array(w_scale.astype(np.float32), f"{name}_w_scale"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{name}_last_axis"),
+            numpy_helper.from_array(np.array(1e-30 * 255.0, np.float32), f"{name}_tiny"),
+            numpy_helper.from_array(np.array(255.0, np.float32), f"{name}_u8_max"),
+        ]
+    )
+    t = f"{name}_rowq"
+    return [
+        helper.make_node("ReduceMax", [a, f"{name}_last_axis"], [f"{t}_max"], keepdims=1),
+        helper.make_node("Max", [f"{t}_max", f"{name}_tiny"], [f"{t}_max_safe"]),
+        helper.make_node("Div", [f"{t}_max_safe", f"{name}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
+        helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
+        helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
+        helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{t}_i32"]),
+        helper.make_node("Cast", [f"{t}_i32"], [f"{t}_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{t}_scales"]),
+        helper.make_node("Mul", [f"{t}_f32", f"{t}_scales"], list(node.output)),
+    ]
+
+
+def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelProto:
+    """8-bit weights for every MatMul with a constant weight of at least INT8_BLOCK input rows, with the
+    onnxruntime kernel that is fastest for its shape (measured, docs/benchmarks.md):
+    - convs 2-5 where they produce >= 8 rows per stream and call: each input row quantised to uint8 with
+      its own scale (the inputs are ReLU outputs), int8 weights with one scale per output channel, and
+      onnxruntime's integer GEMM (MatMulInteger), which is the fast kernel for several rows;
+    - the rest (few-row products: the later convs at small F, the GRU, the predictor): MatMulNBits,
+      symmetric 8-bit weights with one scale per block of INT8_BLOCK inputs, int8 compute.
+    conv1 (10 inputs per output) stays float32."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node
+    graph = proto.graph
+    weights = {i.name: i for i in graph.initializer}
+    rows_per_hop = [HOP // int(np.prod(STRIDES[: i + 1])) for i in range(len(STRIDES))]  # 32 8 4 2 1
+    many_rows = {f"conv_w.{i}" for i in range(1, len(STRIDES)) if rows_per_hop[i] * frames_per_call >= 8}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in many_rows:
+            nodes += _rowwise_uint8_matmul(graph, node, numpy_helper.to_array(weights[node.input[1]]))
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    small = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and n.input[1] in weights and weights[n.input[1]].dims[0] < INT8_BLOCK
+    ]
+    quantizer = MatMulNBitsQuantizer(
+        proto, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, nodes_to_exclude=small
+    )
+    quantizer.process()
+    return quantizer.model.model
 
 
 def export_onnx(
-    model: CPC, cfg: Config, train_step: int, path: Path, frames_per_call: int, window: int
+    model: CPC,
+    cfg: Config,
+    train_step: int,
+    path: Path,
+    frames_per_call: int,
+    window: int,
+    weights: str = "fp32",
 ) -> ModelInfo:
-    """Export the streaming step of `model` to `path` with its metadata; returns that metadata."""
-    step = StreamingCPC(model, frames_per_call, window).eval()
+    """Export the streaming step of `model` to `path` with its metadata; returns that metadata.
+    weights: "fp32", or "int8" (the GRU spelt out as matrix products, then quantize_int8)."""
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_KINDS)}")
+    int8 = weights == "int8"
+    step = StreamingCPC(model, frames_per_call, window, gru_as_matmuls=int8).eval()
     example = (torch.zeros(2, frames_per_call * HOP), *zero_state(model, window, 2))
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = {"audio": {0: batch}, "state": tuple({0: batch} for _ in STATE_NAMES)}
@@ -62,7 +144,9 @@ def export_onnx(
     proto = program.model_proto
     gru = [n for n in proto.graph.node if n.op_type == "GRU"]
     lbr = [a.i for n in gru for a in n.attribute if a.name == "linear_before_reset"]
-    if lbr != [1]:  # pytorch#189225: some exporters dropped it, giving silently wrong numbers
+    # pytorch#189225: some exporters dropped linear_before_reset, giving silently wrong numbers. The int8
+    # graph has no GRU node: its GRU is spelt out as products and gates.
+    if lbr != ([] if int8 else [1]):
         raise RuntimeError(
             f"exported GRU lacks linear_before_reset=1 (found {lbr}); upgrade onnxscript to >= 0.7.1"
         )
@@ -73,8 +157,10 @@ def export_onnx(
         enc_dim=cfg.model.enc_dim, ctx_dim=cfg.model.ctx_dim, n_steps=cfg.model.n_steps, neg_window=window,
         score=cfg.model.score, temperature=cfg.model.temperature, norm=cfg.model.norm,
         state_shapes=state_shapes(model, window), config_hash=cfg.model_hash(), train_step=train_step,
-        exported_by=f"cpc-stream {cpc_stream.__version__}, torch {torch.__version__}",
+        exported_by=f"cpc-stream {cpc_stream.__version__}, torch {torch.__version__}", weights=weights,
     )  # fmt: skip
+    if int8:
+        proto = quantize_int8(proto, frames_per_call)
     onnx.helper.set_model_props(proto, info.to_metadata())
     proto.doc_string = "Causal CPC streaming step; see docs/onnx-contract.md of cpc-stream"
     onnx.save(proto, str(path))
@@ -132,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--neg-window", type=int, default=128, help="W: recent frames that normalise logprob")
     parser.add_argument(
+        "--weights", choices=WEIGHT_KINDS, default="fp32",
+        help="int8: 8-bit matrix weights, faster on one core, outputs within a looser stated tolerance",
+    )  # fmt: skip
+    parser.add_argument(
         "--check-audio", default=str(DEFAULT_CHECK_AUDIO), help="real utterance for the proof"
     )
     parser.add_argument(
@@ -151,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = model_from_checkpoint(ckpt)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
-            info = export_onnx(model, cfg, int(ckpt["step"]), tmp, args.frames_per_call, args.neg_window)
+            info = export_onnx(
+                model, cfg, int(ckpt["step"]), tmp, args.frames_per_call, args.neg_window, args.weights
+            )
+            tolerance = TOLERANCE_INT8 if info.weights == "int8" else TOLERANCE
             print(
-                f"cpc-export: wrote graph: F={info.frames_per_call} W={info.neg_window} "
+                f"cpc-export: wrote {info.weights} graph: F={info.frames_per_call} W={info.neg_window} "
                 f"dims {info.enc_dim}/{info.ctx_dim} K={info.n_steps}, step {info.train_step}, config {info.config_hash}"
             )
             failed = []
@@ -165,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{k}={v:.2e}" for k, v in diffs.items())
                 )
                 failed += [
-                    f"{label} {k} {v:.2e} > {TOLERANCE[k]:.0e}" for k, v in diffs.items() if v > TOLERANCE[k]
+                    f"{label} {k} {v:.2e} > {tolerance[k]:.0e}" for k, v in diffs.items() if v > tolerance[k]
                 ]
             if failed:
                 raise UserError("streaming graph differs from the offline model: " + "; ".join(failed))

@@ -54,7 +54,7 @@ def zero_state(model: CPC, window: int, batch: int) -> list[torch.Tensor]:
 class StreamingCPC(nn.Module):
     """A trained CPC model run F hops at a time with explicit state (see the module docstring)."""
 
-    def __init__(self, model: CPC, frames_per_call: int, window: int):
+    def __init__(self, model: CPC, frames_per_call: int, window: int, gru_as_matmuls: bool = False):
         super().__init__()
         assert all(k == 2 * s for k, s in zip(KERNELS, STRIDES, strict=True)), (
             "conv folding needs kernel = 2 x stride"
@@ -82,8 +82,19 @@ class StreamingCPC(nn.Module):
             self.eps = model.encoder.norms[0].eps
         self.gru = nn.GRU(cfg.enc_dim, cfg.ctx_dim, batch_first=True)
         self.gru.load_state_dict(model.gru.state_dict())
+        # The int8 variant spells the GRU out as two matrix products per frame plus its gates, so that
+        # its weights can be quantised like the others (onnxruntime has no quantised GRU operator).
+        self.gru_as_matmuls = gru_as_matmuls
+        if gru_as_matmuls:  # stored transposed, so that every frame's product reads the same constant
+            self.gru_w_ih = nn.Parameter(model.gru.weight_ih_l0.detach().t().contiguous())  # (C, 3H)
+            self.gru_w_hh = nn.Parameter(model.gru.weight_hh_l0.detach().t().contiguous())  # (H, 3H)
         # Predictor (K*C, H) -> (H, K*C): one plain GEMM gives every W_k c_t of a frame.
         self.pred_w = nn.Parameter(model.predictor.weight.detach().t().contiguous())
+        # The prediction aimed at new frame i by step j was made at frame t0 + i - j by predictor j:
+        # row K + i - j, column j - 1 of [history, new], flattened to one index for a single Gather.
+        k = cfg.n_steps
+        aim = [(k + i - j) * k + (j - 1) for i in range(frames_per_call) for j in range(1, k + 1)]
+        self.register_buffer("aim", torch.tensor(aim, dtype=torch.int64), persistent=False)
 
     def _encode(
         self, audio: torch.Tensor, caches: list[torch.Tensor]
@@ -96,12 +107,24 @@ class StreamingCPC(nn.Module):
             blocks = xp.reshape(xp.shape[0], -1, stride * xp.shape[2])  # (B, n + 1, stride * Cin)
             windows = torch.cat([blocks[:, :-1], blocks[:, 1:]], dim=2)  # (B, n, kernel * Cin)
             x = windows @ self.conv_w[i] + self.conv_b[i]
-            if self.norm:
-                mean = x.mean(dim=-1, keepdim=True)
-                var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-                x = (x - mean) * torch.rsqrt(var + self.eps) * self.norm_w[i] + self.norm_b[i]
+            if self.norm:  # ChannelNorm over the last axis is exactly layer norm: one ONNX node
+                x = nn.functional.layer_norm(x, x.shape[-1:], self.norm_w[i], self.norm_b[i], self.eps)
             x = torch.relu(x)
         return x, new_caches  # x: (B, F, C)
+
+    def _gru_unrolled(self, z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.nn.GRU's equations, frame by frame: z (B, F, C), h (B, H) -> c (B, F, H), last h."""
+        gi = z @ self.gru_w_ih + self.gru.bias_ih_l0  # (B, F, 3H): input parts of the r, u, n gates
+        outs = []
+        for i in range(self.frames):
+            gh = h @ self.gru_w_hh + self.gru.bias_hh_l0
+            xr, xu, xn = gi[:, i].chunk(3, dim=-1)
+            hr, hu, hn = gh.chunk(3, dim=-1)
+            r, u = torch.sigmoid(xr + hr), torch.sigmoid(xu + hu)
+            n = torch.tanh(xn + r * hn)
+            h = n + u * (h - n)  # (1 - u) n + u h
+            outs.append(h)
+        return torch.stack(outs, dim=1), h
 
     def _space(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cosine:
@@ -120,13 +143,16 @@ class StreamingCPC(nn.Module):
         )
         f, k, w, dev = self.frames, self.k, self.window, audio.device
         z, new_caches = self._encode(audio, caches)
-        c, h = self.gru(z, gru_h.unsqueeze(0))
+        if self.gru_as_matmuls:
+            c, h = self._gru_unrolled(z, gru_h)
+        else:
+            c, h = self.gru(z, gru_h.unsqueeze(0))
+            h = h.squeeze(0)
 
         # All K predictions of the new frames in one product; history holds those of the K frames before.
         p_new = self._space((c @ self.pred_w).unflatten(-1, (k, -1)))  # (B, F, K, C)
         p_all = torch.cat([pred_hist, p_new], dim=1)  # (B, K + F, K, C): row r made at frame t0 - K + r
-        # Aimed at new frame i by step j: made at frame t0 + i - j, i.e. row K + i - j, predictor j.
-        ps = torch.stack([p_all[:, k - j : k - j + f, j - 1] for j in range(1, k + 1)], dim=2)  # (B, F, K, C)
+        ps = p_all.flatten(1, 2).index_select(1, self.aim).unflatten(1, (f, k))  # (B, F, K, C)
         zs = self._space(z)
         pos = (ps * zs.unsqueeze(2)).sum(-1) * self.scale  # (B, F, K)
 
@@ -151,5 +177,5 @@ class StreamingCPC(nn.Module):
         nan = torch.full_like(pos, float("nan"))
         return (
             z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid,
-            *new_caches, h.squeeze(0), p_all[:, f:], z_all[:, f:], frame_index + f,
+            *new_caches, h, p_all[:, f:], z_all[:, f:], frame_index + f,
         )  # fmt: skip

@@ -56,6 +56,18 @@ def test_pairing_delays_causal_frames_by_the_label_delay():
     assert x[:, 0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9] and y.tolist() == list(range(100, 108))
     x, y = cpc_eval.paired(feats, labels, delay=2, stride=3)
     assert x[:, 0].tolist() == [2, 5, 8] and y.tolist() == [100, 103, 106]
+    # mfcc-causal: frames lag their labels by 4; the first 4 labels have no frame and are dropped.
+    x, y = cpc_eval.paired(feats, labels, delay=cpc_eval.MFCC_DELAY["mfcc-causal"], stride=1)
+    assert x[:, 0].tolist() == [0, 1, 2, 3] and y.tolist() == [104, 105, 106, 107]
+
+
+def test_causal_mfcc_hears_no_audio_beyond_what_c_t_has_heard():
+    """MFCC frame j's deltas span windows j-4..j+4, the last ending at sample 160 (j + 4) + 400; c_{i+d}
+    has heard samples < 160 (i + d + 1). Paired with label i, mfcc-causal must end no later."""
+    j_minus_i = cpc_eval.MFCC_DELAY["mfcc-causal"]
+    mfcc_reach = 160 * (j_minus_i + 4) + 400  # relative to label i's first sample
+    c_reach = 160 * (2 + 1)  # default --label-delay 2
+    assert mfcc_reach <= c_reach and cpc_eval.MFCC_DELAY["mfcc"] == 0
 
 
 def data_args(root, *extra):
@@ -67,13 +79,13 @@ def test_table_compares_cpc_with_both_baselines(corpus, tiny_ckpt, tmp_path, cap
     root, stats = corpus
     out = tmp_path / "r.json"
     assert cpc_eval.main(["table", *data_args(root, "--checkpoint", str(tiny_ckpt), "--json", str(out),
-                                              "--baselines", "random,mfcc,mfcc13",
+                                              "--baselines", "random,mfcc,mfcc13,mfcc-causal",
                                               "--save-probes", str(tmp_path / "probes"))]) == 0  # fmt: skip
     text = capsys.readouterr().out
-    for row in ("Random initialization", "MFCC features", "MFCC, no deltas", "CPC"):
+    for row in ("Random initialization", "MFCC features", "MFCC, no deltas", "MFCC, c_t's look-ahead", "CPC"):
         assert row in text
     res = json.loads(out.read_text())
-    assert set(res["accuracy"]) == {"cpc", "random", "mfcc", "mfcc13"}
+    assert set(res["accuracy"]) == {"cpc", "random", "mfcc", "mfcc13", "mfcc-causal"}
     for accs in res["accuracy"].values():
         assert set(accs) == {"phone", "speaker"} and all(0 <= a <= 1 for a in accs.values())
     assert res["accuracy"]["mfcc"]["speaker"] > 1 / 3  # MFCC separates espeak voices better than chance

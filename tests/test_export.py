@@ -220,3 +220,88 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, trained, capsys):
         import re
 
         assert re.search(pattern, err), err
+
+
+def test_gru_spelt_out_as_matmuls_equals_the_gru(trained):
+    """The int8 variant's GRU (two products per frame and the gates) computes exactly nn.GRU's step."""
+    from cpc_export.streaming import StreamingCPC, zero_state
+
+    model, _, _ = trained
+    audio = torch.from_numpy(check_streams(model, UTT_1089, 3, 4 * 160)[:, : 4 * 160])
+    state = zero_state(model, 8, 3)
+    state[5] = torch.randn(3, 32) * 0.5  # a hidden state mid-stream
+    with torch.no_grad():
+        ref = StreamingCPC(model, 4, 8)(audio, *state)
+        got = StreamingCPC(model, 4, 8, gru_as_matmuls=True)(audio, *state)
+    assert torch.allclose(got[1], ref[1], atol=1e-6) and torch.allclose(got[10], ref[10], atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def int8_pair(tmp_path_factory):
+    """A 128/128 channel-norm model (every weight matrix has >= 128 input rows, so all are quantised),
+    exported as fp32 and as int8 at F=10."""
+    cfg = config.load(None, ["model.enc_dim=128", "model.ctx_dim=128", "model.n_steps=4"])
+    torch.manual_seed(1)
+    model = CPC(cfg.model).eval()
+    out = tmp_path_factory.mktemp("int8")
+    for weights in ("fp32", "int8"):
+        export_onnx(model, cfg, 0, out / f"{weights}.onnx", 10, 16, weights)
+    return model, out / "fp32.onnx", out / "int8.onnx"
+
+
+def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
+    _, fp32, int8 = int8_pair
+    proto = onnx.load(str(int8))
+    ops = [n.op_type for n in proto.graph.node]
+    blockwise = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    # At F=10 convs 2-5 give >= 8 rows per call: row-wise uint8 x int8 integer GEMMs. The GRU's input
+    # and hidden products and the predictor: block-wise 8-bit weights. conv1 (10 input rows) stays float.
+    assert ops.count("MatMulInteger") == 4
+    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
+    assert "GRU" not in ops and ops.count("MatMul") == 2  # conv1 and the scores against z_history
+    assert StreamingModel(int8).info.weights == "int8" and StreamingModel(fp32).info.weights == "fp32"
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+
+
+def test_int8_variant_stays_within_its_stated_tolerance_over_a_long_stream(int8_pair):
+    """30 s of real speech in one stream (3000 frames, state threaded through 300 calls): the int8 graph
+    stays within TOLERANCE_INT8 of the offline float model from the first frame to the last, no drift,
+    and it really is quantised (it differs by more than float rounding)."""
+    model, _, int8 = int8_pair
+    speech = np.concatenate([load_audio(f, 16000) for f in sorted(glob.glob(str(MINI / "*/*/*/*.flac")))])
+    audio = speech[None, : 300 * 1600]
+    diffs = compare(int8, model, audio)
+    assert all(diffs[k] <= export_mod.TOLERANCE_INT8[k] for k in diffs), diffs
+    assert diffs["c"] > 1e-4, diffs
+    late = compare(int8, model, audio[:, -50 * 1600 :])  # the last 5 s, restarted: same error level
+    assert diffs["c"] < 3 * late["c"] + 1e-3, (diffs, late)
+
+
+def test_loader_reads_weights_key_and_refuses_unknown_kinds(tmp_path, int8_pair):
+    _, fp32, _ = int8_pair
+    proto = onnx.load(str(fp32))
+    for value, expect in (("int4", "weights 'int4' unknown"), (None, None)):
+        kept = [p for p in proto.metadata_props if p.key != "weights"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        if value:
+            proto.metadata_props.add(key="weights", value=value)
+        onnx.save(proto, str(tmp_path / "m.onnx"))
+        if expect:
+            with pytest.raises(UserError, match=expect):
+                StreamingModel(tmp_path / "m.onnx")
+        else:  # graphs exported before the key existed are float32
+            assert StreamingModel(tmp_path / "m.onnx").info.weights == "fp32"
+
+
+def test_cli_int8_is_proved_against_its_own_tolerance(tmp_path, trained, capsys, monkeypatch):
+    _, _, ckpt = trained
+    out = tmp_path / "q.onnx"
+    args = ["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "30", "--weights", "int8"]
+    assert export_mod.main(args) == 0
+    assert "wrote int8 graph" in capsys.readouterr().out and out.is_file()
+    out.unlink()
+    monkeypatch.setattr(export_mod, "TOLERANCE_INT8", {"z": 1e-5, "c": 1e-5, "scores": 1e-5, "logprob": 1e-5})
+    assert export_mod.main(args) == 2
+    assert "streaming graph differs from the offline model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

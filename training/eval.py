@@ -11,12 +11,15 @@ classifier on frozen features, trained on the utterances of train_split.txt and 
 accuracy on test_split.txt; features standardised with the training set's statistics; no averaging over
 time. Features: `cpc` (c_t of the checkpoint), `random` (the same architecture at random init), `mfcc`
 (13 MFCC + deltas + delta-deltas, 25 ms windows every 10 ms, librosa), `mfcc13` (the 13 coefficients
-alone: no deltas, so no look-ahead beyond the labelled window, like the causal c_t).
+alone: no deltas, so no look-ahead beyond the labelled window, like the causal c_t), `mfcc-causal` (the
+39 features of `mfcc`, read 4 frames late so that they hear no audio that c_t has not heard).
 
 Alignment. A phone label i of converted_aligned_phones.txt describes the 25 ms window of samples
 [160 i, 160 i + 400). The causal frame t has seen samples < 160 (t + 1), so frame i + 2 is the first
 that has heard the whole window: CPC and random features of frame i + 2 are paired with label i
-(--label-delay, default 2). MFCC frame i is computed on exactly label i's window and is paired with it.
+(--label-delay, default 2). MFCC frame i is computed on exactly label i's window and is paired with it,
+so `mfcc`'s deltas (±4 frames) hear 40 ms past the window. `mfcc-causal` pairs MFCC frame i - 4 with
+label i: its deltas reach exactly to the end of label i's window, 5 ms less than c_{i+2} has heard.
 Speaker labels are the utterance's speaker on every frame.
 """
 
@@ -46,10 +49,14 @@ PAPER = {  # Table 1: phone / speaker accuracy (%)
     "cpc": (64.6, 97.4),
     "supervised": (74.6, 98.5),
 }
+BASELINES = ("random", "mfcc", "mfcc13", "mfcc-causal")
+# Feature frame i + delay is paired with label i; the encoder's features use --label-delay.
+MFCC_DELAY = {"mfcc": 0, "mfcc13": 0, "mfcc-causal": -4}
 NAMES = {
     "random": "Random initialization",
     "mfcc": "MFCC features",
     "mfcc13": "MFCC, no deltas",
+    "mfcc-causal": "MFCC, c_t's look-ahead",
     "cpc": "CPC",
 }
 
@@ -71,7 +78,7 @@ def features(kind: str, model: CPC | None, utts: list[Utterance], device: torch.
     out = []
     for u in utts:
         wav = load_audio(u.path, SAMPLE_RATE)
-        if kind in ("mfcc", "mfcc13"):
+        if kind in MFCC_DELAY:
             out.append(mfcc(wav)[:, : 13 if kind == "mfcc13" else None])
         else:
             _, c = model(torch.from_numpy(wav)[None].to(device))
@@ -82,12 +89,13 @@ def features(kind: str, model: CPC | None, utts: list[Utterance], device: torch.
 def paired(
     feats: list[np.ndarray], labels: list[np.ndarray], delay: int, stride: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pair feature frame i + delay with label i, keep every stride-th pair, concatenate utterances."""
+    """Pair feature frame i + delay with label i (labels without such a frame are dropped), keep every
+    stride-th pair, concatenate utterances. delay may be negative: features that lag their labels."""
     xs, ys = [], []
     for f, lab in zip(feats, labels, strict=True):
-        n = min(len(lab), len(f) - delay)
-        xs.append(f[delay : delay + n : stride])
-        ys.append(lab[:n:stride])
+        first, end = max(0, -delay), min(len(lab), len(f) - delay)  # labels first .. end - 1
+        xs.append(f[first + delay : end + delay : stride])
+        ys.append(lab[first:end:stride])
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -102,7 +110,7 @@ def probe_accuracy(
 ) -> float:
     """Train the linear probe of `task` on the train-split features of `kind`; frame accuracy on the test split.
     feats: {"train": [(frames, dim) per utterance], "test": [...]} in the order of data["train"/"test"]."""
-    delay = 0 if kind.startswith("mfcc") else args.label_delay
+    delay = MFCC_DELAY.get(kind, args.label_delay)
     sets = {}
     for split in ("train", "test"):
         utts = data[split]
@@ -110,7 +118,7 @@ def probe_accuracy(
             labels = [data["phones"][u.id] for u in utts]
         else:
             labels = [
-                np.full(len(f) + delay, data["speaker_index"][u.speaker])
+                np.full(max(len(f) + delay, 0), data["speaker_index"][u.speaker])
                 for f, u in zip(feats[split], utts, strict=True)
             ]
         sets[split] = paired(feats[split], labels, delay, args.frame_stride)
@@ -167,12 +175,12 @@ def encoders(args, device: torch.device) -> dict[str, CPC | None]:
     if "random" in kinds:
         torch.manual_seed(args.seed)
         out["random"] = CPC(cfg.model).eval().to(device)
-    for kind in ("mfcc", "mfcc13"):
+    for kind in MFCC_DELAY:
         if kind in kinds:
             out[kind] = None
-    unknown = set(kinds) - {"random", "mfcc", "mfcc13"}
+    unknown = set(kinds) - set(BASELINES)
     if unknown:
-        raise UserError(f"--baselines: unknown {sorted(unknown)} (expected random, mfcc, mfcc13)")
+        raise UserError(f"--baselines: unknown {sorted(unknown)} (expected {', '.join(BASELINES)})")
     if not out:
         raise UserError("nothing to evaluate: give --checkpoint and/or --baselines")
     return out
@@ -208,7 +216,7 @@ def format_table(results: dict) -> str:
         f"{'Method':24s} {'Phone acc. (%)':>15s} {'paper':>7s} {'Speaker acc. (%)':>17s} {'paper':>7s}",
         "-" * 74,
     ]
-    for kind in ("random", "mfcc", "mfcc13", "cpc"):
+    for kind in (*BASELINES, "cpc"):
         if kind not in results["accuracy"]:
             continue
         acc = results["accuracy"][kind]
@@ -229,7 +237,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phones", help="converted_aligned_phones.txt")
     p.add_argument("--checkpoint", help="cpc-train checkpoint (omit to run baselines only)")
     p.add_argument(
-        "--baselines", default="random,mfcc", help="comma list of random, mfcc, mfcc13 (no deltas), or ''"
+        "--baselines",
+        default="random,mfcc",
+        help="comma list of random, mfcc, mfcc13 (no deltas), mfcc-causal (c_t's look-ahead), or ''",
     )
     p.add_argument("--label-delay", type=int, default=2, help="causal frame i + delay is paired with label i")
     p.add_argument(

@@ -1,0 +1,111 @@
+"""Which onnxruntime kernel to use for each 8-bit product of the int8 graph: one product alone, timed.
+
+    python bench/int8_kernels.py [--calls 300]
+
+For the paper-size graph's products at F=1 (rows x inputs x outputs), one thread: float32 MatMul (the
+baseline, same process), MatMulNBits (8-bit weights in blocks of 128, int8 compute: what the int8 graph
+uses for few-row products), the row-wise uint8 x int8 MatMulInteger of cpc_export.export (what it uses for
+convs with >= 8 rows per call), and onnxruntime's quantize_dynamic (one activation scale per call: not
+used, see docs/onnx-contract.md). Prints median microseconds per call (best of 3 rounds), the speed-up
+over float32 and the error relative to the largest float32 output, on ReLU-like inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from cpc_export.export import INT8_BLOCK, _rowwise_uint8_matmul
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1
+    "conv2": (8, 4096, 512),
+    "conv3": (4, 2048, 512),
+    "conv4": (2, 2048, 512),
+    "conv5": (1, 2048, 512),
+    "gru input": (1, 512, 768),
+    "predictor": (1, 256, 6144),
+    "conv2 at F=4": (32, 4096, 512),
+}
+
+
+def matmul_model(w: np.ndarray, rows: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, rows, w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def variants(w: np.ndarray, rows: int) -> dict[str, onnx.ModelProto]:
+    out = {"float32": matmul_model(w, rows)}
+    q = MatMulNBitsQuantizer(
+        matmul_model(w, rows), bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4
+    )
+    q.process()
+    out["MatMulNBits"] = q.model.model
+    m = matmul_model(w, rows)
+    nodes = _rowwise_uint8_matmul(m.graph, m.graph.node[0], w)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.initializer[0]  # the float weight, now unused
+    out["row-wise uint8"] = m
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(matmul_model(w, rows), f"{tmp}/f.onnx")
+        quantize_dynamic(f"{tmp}/f.onnx", f"{tmp}/q.onnx", per_channel=True, weight_type=QuantType.QInt8)
+        out["per-call uint8"] = onnx.load(f"{tmp}/q.onnx")
+    return out
+
+
+def time_us(sess: ort.InferenceSession, a: np.ndarray, calls: int) -> float:
+    for _ in range(20):
+        sess.run(None, {"a": a})
+    best = np.inf
+    for _ in range(3):
+        t = np.empty(calls)
+        for i in range(calls):
+            s = time.perf_counter()
+            sess.run(None, {"a": a})
+            t[i] = time.perf_counter() - s
+        best = min(best, float(np.median(t)))
+    return best * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=300)
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)  # the quantizers narrate every node
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    rng = np.random.default_rng(0)
+    print(
+        f"onnxruntime {ort.__version__}, one thread; microseconds per call (x faster than float32, rel. error)"
+    )
+    names = ["float32", "MatMulNBits", "row-wise uint8", "per-call uint8"]
+    print(f"{'product':>14} {'rows x in x out':>16} " + " ".join(f"{n:>26}" for n in names))
+    for label, (rows, k, n) in SHAPES.items():
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        a = np.maximum(rng.standard_normal((1, rows, k)), 0).astype(np.float32)
+        cells, base, ref = [], None, None
+        for model in variants(w, rows).values():
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            y = sess.run(None, {"a": a})[0]
+            us = time_us(sess, a, args.calls)
+            if base is None:
+                base, ref = us, y
+            err = float(np.abs(y - ref).max() / np.abs(ref).max())
+            cells.append(f"{us:8.1f} ({base / us:4.1f}x, {err:.0e})")
+        print(f"{label:>14} {f'{rows} x {k} x {n}':>16} " + " ".join(f"{c:>26}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
