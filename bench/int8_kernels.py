@@ -20,7 +20,7 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from cpc_export.export import INT8_BLOCK, _rowwise_uint8_matmul
+from cpc_export.export import INT8_BLOCK, rowwise_uint8_matmul
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -53,7 +53,7 @@ def variants(w: np.ndarray, rows: int) -> dict[str, onnx.ModelProto]:
     q.process()
     out["MatMulNBits"] = q.model.model
     m = matmul_model(w, rows)
-    nodes = _rowwise_uint8_matmul(m.graph, m.graph.node[0], w)
+    nodes = rowwise_uint8_matmul(m.graph, m.graph.node[0], w)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     del m.graph.initializer[0]  # the float weight, now unused

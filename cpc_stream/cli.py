@@ -22,7 +22,7 @@ from . import config as config_mod
 from .daemon import Daemon
 from .engine import StreamingModel
 from .errors import UserError, run_cli
-from .sources import STDIN_FORMATS, FileSource, MicSource, StdinSource, list_devices
+from .sources import RATE, STDIN_FORMATS, FileSource, MicSource, StdinSource, list_devices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             daemon.close()
         for s in daemon.streams:
-            dropped = s.source.stats.dropped_samples / 16000
+            dropped = s.source.stats.dropped_samples / RATE
             print(f"cpc-stream: {s.source.name}: {s.frames} frames, ended: {s.buffer.ended}"
                   + (f", dropped {dropped:.2f} s of input" if dropped else ""), file=sys.stderr)  # fmt: skip
         return 0

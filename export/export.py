@@ -44,7 +44,7 @@ TOLERANCE_INT8 = {"z": 0.1, "c": 0.05, "scores": 0.1, "logprob": 0.1}
 INT8_BLOCK = 128  # weights share one scale per block of 128 along the input axis
 
 
-def _rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
+def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
     """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
     quantised to uint8 with its own scale (max / 255), weight to int8 with one scale per output column,
     onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
@@ -96,7 +96,7 @@ def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelPro
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in many_rows:
-            nodes += _rowwise_uint8_matmul(graph, node, numpy_helper.to_array(weights[node.input[1]]))
+            nodes += rowwise_uint8_matmul(graph, node, numpy_helper.to_array(weights[node.input[1]]))
         else:
             nodes.append(node)
     del graph.node[:]

@@ -35,6 +35,7 @@ import torch
 
 from cpc_stream.audio import load_audio
 from cpc_stream.errors import UserError, run_cli
+from cpc_stream.probe import LinearProbe
 
 from . import config as config_mod
 from .config import SAMPLE_RATE
@@ -75,11 +76,12 @@ def mfcc(wav: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def features(kind: str, model: CPC | None, utts: list[Utterance], device: torch.device) -> list[np.ndarray]:
+    """Per utterance: (frames, 39) MFCC features when kind is "mfcc", else (frames, ctx_dim) c_t of model."""
     out = []
     for u in utts:
         wav = load_audio(u.path, SAMPLE_RATE)
-        if kind in MFCC_DELAY:
-            out.append(mfcc(wav)[:, : 13 if kind == "mfcc13" else None])
+        if kind == "mfcc":
+            out.append(mfcc(wav))
         else:
             _, c = model(torch.from_numpy(wav)[None].to(device))
             out.append(c[0].float().cpu().numpy())
@@ -124,16 +126,15 @@ def probe_accuracy(
         sets[split] = paired(feats[split], labels, delay, args.frame_stride)
     classes = data["n_phones"] if task == "phone" else len(data["speaker_index"])
     (xtr, ytr), (xte, yte) = sets["train"], sets["test"]
-    probe = fit_linear_probe(xtr, ytr, classes, device=device)
-    pred = (((xte - probe["mean"]) / probe["std"]) @ probe["W"].T + probe["b"]).argmax(1)
+    fitted = fit_linear_probe(xtr, ytr, classes, device=device)
+    names = (
+        [str(i) for i in range(classes)]
+        if task == "phone"
+        else sorted(data["speaker_index"], key=data["speaker_index"].get)
+    )
     if save is not None:
-        names = (
-            [str(i) for i in range(classes)]
-            if task == "phone"
-            else sorted(data["speaker_index"], key=data["speaker_index"].get)
-        )
-        save_probe(save, probe, names)
-    return float((pred == yte).mean())
+        save_probe(save, fitted, names)
+    return float((LinearProbe(**fitted, classes=names).predict(xte) == yte).mean())
 
 
 def split_features(
@@ -200,8 +201,14 @@ def run_probes(args, tasks: list[str]) -> dict:
     save_dir = Path(args.save_probes) if args.save_probes else None
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
+    mfcc_feats = None  # one MFCC pass over the data serves every MFCC baseline
     for kind, model in encoders(args, device).items():
-        feats = split_features(kind, model, data, device)
+        if kind in MFCC_DELAY:
+            mfcc_feats = mfcc_feats or split_features("mfcc", None, data, device)
+            columns = 13 if kind == "mfcc13" else None  # mfcc13: the coefficients without deltas
+            feats = {split: [f[:, :columns] for f in fs] for split, fs in mfcc_feats.items()}
+        else:
+            feats = split_features(kind, model, data, device)
         for task in tasks:
             save = save_dir / f"{kind}_{task}_probe.npz" if save_dir else None
             acc = probe_accuracy(task, kind, feats, data, args, device, save)
