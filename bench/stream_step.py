@@ -4,8 +4,8 @@
 
 Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F and
 each weight kind (fp32, and the int8 variant of `cpc-export --weights int8`; the weights' values do not
-change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times
-session.run back to back and paced at real time (a call every F x 10 ms, as the daemon runs), and prints
+change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times StreamBatch.step (what the
+daemon runs: onnxruntime with the state bound once through IOBinding) back to back and paced at real time (a call every F x 10 ms, as the daemon runs), and prints
 median / p99 ms per call, ms per frame per stream, the real-time factor of the whole batch, and the ratio
 to the compute floor: the model's multiply-adds per frame at the rate of a large float32 matrix product
 measured in this process with the same onnxruntime and thread count.
@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from cpc_stream.engine import StreamingModel
+from cpc_stream.engine import StreamBatch, StreamingModel
 
 
 def matmul_rate(threads: int, n: int = 1024, reps: int = 30) -> float:
@@ -64,11 +64,12 @@ def macs_per_frame(m: StreamingModel) -> int:
 
 
 def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.ndarray:
+    """Seconds per call of StreamBatch.step, the daemon's path (state bound once, never copied)."""
     rng = np.random.default_rng(1)
     audio = [rng.standard_normal((batch, m.info.samples_per_call)).astype(np.float32) * 0.1 for _ in range(8)]
-    state = m.zero_state(batch)
+    streams = StreamBatch(m, batch)
     for a in audio:  # warm-up
-        _, state = m.step(a, state)
+        streams.step(a)
     period = m.info.frames_per_call * m.info.hop / m.info.sample_rate
     times = np.empty(calls)
     start = time.perf_counter()
@@ -78,7 +79,7 @@ def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.nda
             if delay > 0:
                 time.sleep(delay)
         t = time.perf_counter()
-        _, state = m.step(audio[n % len(audio)], state)
+        streams.step(audio[n % len(audio)])
         times[n] = time.perf_counter() - t
     return times
 

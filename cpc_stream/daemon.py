@@ -19,7 +19,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from . import __version__, protocol
 from .config import StreamSection
-from .engine import StreamingModel
+from .engine import StreamBatch, StreamingModel
 from .errors import UserError
 from .sources import RATE, Source, SourceBuffer
 
@@ -95,7 +95,7 @@ class Daemon:
             )
             for s in sources
         ]
-        self.state = model.zero_state(len(sources))
+        self.batch = StreamBatch(model, len(sources))
         self.ctx = zmq.Context()
         self.sock, self.auth = make_publisher(self.ctx, cfg)
         self.subscribers = 0
@@ -186,17 +186,16 @@ class Daemon:
             stamps.append((t_mono, t_wall))
         if not ready:
             return False
-        everyone = len(ready) == len(self.streams)
-        idx = np.array(ready)
-        sub_state = self.state if everyone else {k: v[idx] for k, v in self.state.items()}
         t0 = time.perf_counter()
-        out, new_state = self.model.step(np.stack(audio), sub_state)
-        self.compute_s += time.perf_counter() - t0
-        if everyone:  # the common case: no gather/scatter copies of the state
-            self.state = new_state
-        else:
+        if len(ready) == len(self.streams):  # the common case: the state stays bound, nothing is copied
+            out = self.batch.step(np.stack(audio))
+        else:  # some streams wait for audio: run the others on a gathered copy of their state
+            idx = np.array(ready)
+            state = self.batch.state
+            out, new_state = self.model.step(np.stack(audio), {k: v[idx] for k, v in state.items()})
             for k, v in new_state.items():
-                self.state[k][idx] = v
+                state[k][idx] = v
+        self.compute_s += time.perf_counter() - t0
         for row, (i, frames, (t_mono, t_wall)) in enumerate(zip(ready, real_frames, stamps, strict=True)):
             s = self.streams[i]
             self.audio_s += frames * hop / RATE

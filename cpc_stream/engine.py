@@ -6,6 +6,9 @@
     out["c"]                                       # (2, frames_per_call, ctx_dim)
     model.reset(state, rows=[1])                   # stream 1 starts over
 
+    batch = StreamBatch(model, 2)                  # the same, with the state kept inside and bound once:
+    out = batch.step(audio)                        # what the daemon runs (no state copies per call)
+
 The contract (input/output names, metadata keys) is documented in docs/onnx-contract.md.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .hugepages import collapse_anonymous_memory
 
 FORMAT_KEY = "cpc_stream.format"
 FORMAT_NAME = "cpc-stream-onnx"
@@ -122,7 +126,9 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class StreamingModel:
     """A cpc-stream ONNX graph in an onnxruntime session, with its metadata checked."""
 
-    def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1):
+    def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1, huge_pages: bool = True):
+        """huge_pages: once the session is built, move the process's memory, the weights included, into
+        2 MB pages where Linux allows it (hugepages.py; one-frame int8 calls measured ~9 % faster)."""
         import onnxruntime as ort
 
         p = Path(path)
@@ -143,6 +149,7 @@ class StreamingModel:
             raise UserError(
                 f"model file {p} is not a loadable ONNX graph ({str(e).splitlines()[0][:200]})"
             ) from None
+        self.huge_page_bytes = collapse_anonymous_memory() if huge_pages else 0
         self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(p))
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != ["audio", *STATE_NAMES]:
@@ -181,6 +188,63 @@ class StreamingModel:
         )
 
 
+class StreamBatch:
+    """The state of `batch` streams kept in two preallocated sets of buffers, bound to the session once
+    (onnxruntime IOBinding): each call reads one set and writes the other. A call then copies only its
+    audio in and its outputs out, never the state (half a megabyte per stream for the paper's model),
+    and makes no Python-side allocations for it. `step` equals StreamingModel.step with the state
+    threaded through."""
+
+    def __init__(self, model: StreamingModel, batch: int):
+        self.model, self.batch = model, batch
+        i = model.info
+        f = i.frames_per_call
+        self._audio = np.zeros((batch, i.samples_per_call), np.float32)
+        self._sets = [model.zero_state(batch), model.zero_state(batch)]
+        self._outputs = {
+            "z": np.zeros((batch, f, i.enc_dim), np.float32),
+            "c": np.zeros((batch, f, i.ctx_dim), np.float32),
+            "scores": np.zeros((batch, f, i.n_steps), np.float32),
+            "logprob": np.zeros((batch, f, i.n_steps), np.float32),
+            "valid": np.zeros((batch, f, i.n_steps), bool),
+        }
+        self._bindings = []
+        for k in range(2):  # binding k reads set k and writes set 1 - k
+            b = model.session.io_binding()
+            b.bind_cpu_input("audio", self._audio)
+            for name in STATE_NAMES:
+                b.bind_cpu_input(name, self._sets[k][name])
+                _bind_output(b, f"new_{name}", self._sets[1 - k][name])
+            for name, arr in self._outputs.items():
+                _bind_output(b, name, arr)
+            self._bindings.append(b)
+        self._current = 0
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        """The current state, as arrays owned by the batch: they may be read or written in place (that
+        is how rows are reset), and are overwritten by the call after next."""
+        return self._sets[self._current]
+
+    def reset(self, rows: Sequence[int]) -> None:
+        """Restart the given streams."""
+        StreamingModel.reset(self.state, rows)
+
+    def step(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+        """audio (batch, frames_per_call * hop) -> outputs {z, c, scores, logprob, valid}, each
+        (batch, F, ...), as new arrays."""
+        if audio.shape != self._audio.shape:
+            raise ValueError(f"audio must be {self._audio.shape}, got {audio.shape}")
+        np.copyto(self._audio, audio)
+        self.model.session.run_with_iobinding(self._bindings[self._current])
+        self._current = 1 - self._current
+        return {k: v.copy() for k, v in self._outputs.items()}
+
+
+def _bind_output(binding, name: str, arr: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+
 class Stream:
     """One audio stream of any chunking: buffers samples until whole calls are available.
 
@@ -190,7 +254,7 @@ class Stream:
 
     def __init__(self, model: StreamingModel):
         self.model = model
-        self.state = model.zero_state(1)
+        self._batch = StreamBatch(model, 1)
         self._pending = np.zeros(0, dtype=np.float32)
 
     def feed(self, samples: np.ndarray) -> dict[str, np.ndarray]:
@@ -199,8 +263,7 @@ class Stream:
         calls = len(buf) // n
         outs = []
         for i in range(calls):
-            out, self.state = self.model.step(buf[None, i * n : (i + 1) * n], self.state)
-            outs.append(out)
+            outs.append(self._batch.step(buf[None, i * n : (i + 1) * n]))
         self._pending = buf[calls * n :]
         if not outs:
             return self._empty()

@@ -42,38 +42,62 @@ TOLERANCE = {"z": 1e-4, "c": 1e-4, "scores": 1e-3, "logprob": 1e-3}
 # The int8 variant's weights are 8-bit: its outputs are held to a looser, stated bound (onnx-contract.md).
 TOLERANCE_INT8 = {"z": 0.1, "c": 0.05, "scores": 0.1, "logprob": 0.1}
 INT8_BLOCK = 128  # weights share one scale per block of 128 along the input axis
+ROWWISE_MIN_ROWS = 8  # products with at least this many rows per stream and call use the row-wise kernel
 
 
 def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
     """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
     quantised to uint8 with its own scale (max / 255), weight to int8 with one scale per output column,
-    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
+    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`. Products that
+    share an input share its quantisation: the nodes quantising `a` are emitted with its first product."""
     from onnx import TensorProto, helper, numpy_helper
 
     a, name = node.input[0], node.name
+    t = f"{a}_rowq"
     w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / 127.0  # (N,)
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.round(weight / w_scale).astype(np.int8), f"{name}_w_int8"),
             numpy_helper.from_array(w_scale.astype(np.float32), f"{name}_w_scale"),
-            numpy_helper.from_array(np.array([-1], np.int64), f"{name}_last_axis"),
-            numpy_helper.from_array(np.array(1e-30 * 255.0, np.float32), f"{name}_tiny"),
-            numpy_helper.from_array(np.array(255.0, np.float32), f"{name}_u8_max"),
         ]
     )
-    t = f"{name}_rowq"
-    return [
-        helper.make_node("ReduceMax", [a, f"{name}_last_axis"], [f"{t}_max"], keepdims=1),
-        helper.make_node("Max", [f"{t}_max", f"{name}_tiny"], [f"{t}_max_safe"]),
-        helper.make_node("Div", [f"{t}_max_safe", f"{name}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
-        helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
-        helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
-        helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
-        helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{t}_i32"]),
-        helper.make_node("Cast", [f"{t}_i32"], [f"{t}_f32"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{t}_scales"]),
-        helper.make_node("Mul", [f"{t}_f32", f"{t}_scales"], list(node.output)),
+    quantise = []
+    if not any(i.name == f"{t}_last_axis" for i in graph.initializer):
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([-1], np.int64), f"{t}_last_axis"),
+                numpy_helper.from_array(np.array(1e-30 * 255.0, np.float32), f"{t}_tiny"),
+                numpy_helper.from_array(np.array(255.0, np.float32), f"{t}_u8_max"),
+            ]
+        )
+        quantise = [
+            helper.make_node("ReduceMax", [a, f"{t}_last_axis"], [f"{t}_max"], keepdims=1),
+            helper.make_node("Max", [f"{t}_max", f"{t}_tiny"], [f"{t}_max_safe"]),
+            helper.make_node("Div", [f"{t}_max_safe", f"{t}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
+            helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
+            helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
+            helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
+        ]
+    return quantise + [
+        helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{name}_i32"]),
+        helper.make_node("Cast", [f"{name}_i32"], [f"{name}_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{name}_scales"]),
+        helper.make_node("Mul", [f"{name}_f32", f"{name}_scales"], list(node.output)),
     ]
+
+
+def keep_layer_norm_unfused(proto: onnx.ModelProto) -> int:
+    """Spell the Add in front of each LayerNormalization as the equivalent Sum, so that onnxruntime does
+    not fuse the pair into SkipLayerNormalization, which measured several times slower than the two
+    nodes it replaces at the encoder's shapes (docs/benchmarks.md). Returns how many were changed."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    changed = 0
+    for node in proto.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "LayerNormalization" else None
+        if add is not None and add.op_type == "Add":
+            add.op_type = "Sum"
+            changed += 1
+    return changed
 
 
 def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelProto:
@@ -92,7 +116,9 @@ def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelPro
     graph = proto.graph
     weights = {i.name: i for i in graph.initializer}
     rows_per_hop = [HOP // int(np.prod(STRIDES[: i + 1])) for i in range(len(STRIDES))]  # 32 8 4 2 1
-    many_rows = {f"conv_w.{i}" for i in range(1, len(STRIDES)) if rows_per_hop[i] * frames_per_call >= 8}
+    many_rows = {
+        f"conv_w.{i}" for i in range(1, len(STRIDES)) if rows_per_hop[i] * frames_per_call >= ROWWISE_MIN_ROWS
+    }
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in many_rows:
@@ -142,6 +168,7 @@ def export_onnx(
             dynamic_shapes=dynamic,
         )  # fmt: skip
     proto = program.model_proto
+    keep_layer_norm_unfused(proto)
     gru = [n for n in proto.graph.node if n.op_type == "GRU"]
     lbr = [a.i for n in gru for a in n.attribute if a.name == "linear_before_reset"]
     # pytorch#189225: some exporters dropped linear_before_reset, giving silently wrong numbers. The int8

@@ -16,7 +16,7 @@ from cpc_training.model import CPC
 from onnx import helper
 
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import Stream, StreamingModel
+from cpc_stream.engine import Stream, StreamBatch, StreamingModel
 from cpc_stream.errors import UserError
 
 
@@ -33,7 +33,8 @@ def trained(tmp_path_factory):
     return model, cfg, out / "checkpoint.pt"
 
 
-@pytest.mark.parametrize("frames_per_call, window", [(1, 16), (3, 8), (10, 32)])
+# (10, 6): a call longer than both rings (K = 5, W = 6), so each keeps only the call's last frames.
+@pytest.mark.parametrize("frames_per_call, window", [(1, 16), (3, 8), (10, 6)])
 @pytest.mark.parametrize("score", ["cosine", "dot"])
 def test_graph_matches_offline_model_over_many_calls(tmp_path, trained, frames_per_call, window, score):
     model, cfg, _ = trained
@@ -102,6 +103,29 @@ def test_any_chunking_and_reset_give_the_offline_result(tmp_path, trained):
     again, _ = runtime.step(np.stack([wav[n : 2 * n], wav[:n]]), state)
     assert np.abs(again["c"][1] - first["c"][0]).max() < 1e-6
     assert state["frame_index"].tolist() == [4, 0]
+
+
+def test_stream_batch_equals_step_with_the_state_threaded_through(small_onnx):
+    """StreamBatch (state bound once, double-buffered) gives exactly what StreamingModel.step gives with
+    the state passed back in, across 60 calls, a reset of one stream and a write into its state."""
+    path, model = small_onnx
+    runtime = StreamingModel(path, providers="cpu")
+    audio = check_streams(model, UTT_1089, 60, runtime.info.samples_per_call)
+    n = runtime.info.samples_per_call
+    batch, state = StreamBatch(runtime, 3), runtime.zero_state(3)
+    for i in range(60):
+        if i == 25:  # stream 1 starts over in both
+            batch.reset([1])
+            runtime.reset(state, [1])
+        want, state = runtime.step(audio[:, i * n : (i + 1) * n], state)
+        got = batch.step(audio[:, i * n : (i + 1) * n])
+        for k in want:
+            assert np.array_equal(got[k], want[k], equal_nan=True), (i, k)
+    for k in state:
+        assert np.array_equal(batch.state[k], state[k]), k
+    assert batch.state["frame_index"].tolist() == [240, 140, 240]
+    with pytest.raises(ValueError, match="audio must be"):
+        batch.step(audio[:2, :n])
 
 
 def test_gru_node_computes_torch_gru(tmp_path, trained):
@@ -173,7 +197,7 @@ def test_metadata_describes_the_state(tmp_path, trained):
     assert info.config_hash == cfg.model_hash() and info.train_step == 15
     assert info.state_shapes["pred_history"] == ["B", 5, 5, 64]
     state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
-    assert state["cache_conv2"].shape == (3, 4, 64) and state["frame_index"].dtype == np.int64
+    assert state["cache_conv2"].shape == (3, 1, 64) and state["frame_index"].dtype == np.int64
 
 
 def test_cli_proves_and_writes(tmp_path, trained, capsys):
@@ -254,11 +278,12 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     proto = onnx.load(str(int8))
     ops = [n.op_type for n in proto.graph.node]
     blockwise = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
-    # At F=10 convs 2-5 give >= 8 rows per call: row-wise uint8 x int8 integer GEMMs. The GRU's input
-    # and hidden products and the predictor: block-wise 8-bit weights. conv1 (10 input rows) stays float.
-    assert ops.count("MatMulInteger") == 4
+    # At F=10 convs 2-5 give >= 4 rows per call: row-wise uint8 x int8 integer GEMMs. The GRU's input
+    # and hidden products and the predictor: block-wise 8-bit weights. conv1 (5 input rows) stays float.
+    assert ops.count("MatMulInteger") == 4 and ops.count("Round") == 4
     assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
-    assert "GRU" not in ops and ops.count("MatMul") == 2  # conv1 and the scores against z_history
+    # Float products left: conv1, and the scores against z_history and against this call's z.
+    assert "GRU" not in ops and ops.count("MatMul") == 3
     assert StreamingModel(int8).info.weights == "int8" and StreamingModel(fp32).info.weights == "fp32"
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
