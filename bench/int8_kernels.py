@@ -5,9 +5,14 @@
 For the paper-size graph's products at F=1 (rows x inputs x outputs), one thread: float32 MatMul (the
 baseline, same process), MatMulNBits (8-bit weights in blocks of 128, int8 compute: what the int8 graph
 uses for few-row products), the row-wise uint8 x int8 MatMulInteger of cpc_export.export (what it uses for
-convs with >= 8 rows per call), and onnxruntime's quantize_dynamic (one activation scale per call: not
+convs with >= 4 rows per call), and onnxruntime's quantize_dynamic (one activation scale per call: not
 used, see docs/onnx-contract.md). Prints median microseconds per call (best of 3 rounds), the speed-up
 over float32 and the error relative to the largest float32 output, on ReLU-like inputs.
+
+Then all eight products of a one-frame call in one graph, quantised by cpc-export's own rule
+(quantize_int8), float32 and int8: what a one-frame call costs for its products alone, with every weight
+read from beyond the core's caches as in the real graph, against the compute floor of
+bench/stream_step.py measured in the same process.
 """
 
 from __future__ import annotations
@@ -20,20 +25,26 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from cpc_export.export import INT8_BLOCK, rowwise_uint8_matmul
+from cpc_export.export import INT8_BLOCK, quantize_int8, rowwise_uint8_matmul
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from stream_step import matmul_rate  # same folder: the floor, measured the same way
 
-SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1
-    "conv2": (8, 4096, 512),
-    "conv3": (4, 2048, 512),
-    "conv4": (2, 2048, 512),
-    "conv5": (1, 2048, 512),
+SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1; each conv's two kernel halves side by side
+    "conv2": (8, 2048, 1024),
+    "conv3": (4, 1024, 1024),
+    "conv4": (2, 1024, 1024),
+    "conv5": (1, 1024, 1024),
     "gru input": (1, 512, 768),
+    "gru hidden": (1, 256, 768),
     "predictor": (1, 256, 6144),
-    "conv2 at F=4": (32, 4096, 512),
+    "conv2 at F=4": (32, 2048, 1024),
 }
+CALL = {  # the products of one F=1 call, under the initializer names quantize_int8 decides by
+    "conv_w.1": "conv2", "conv_w.2": "conv3", "conv_w.3": "conv4", "conv_w.4": "conv5",
+    "gru_w_ih": "gru input", "gru_w_hh": "gru hidden", "pred_w": "predictor",
+}  # fmt: skip
 
 
 def matmul_model(w: np.ndarray, rows: int) -> onnx.ModelProto:
@@ -65,15 +76,29 @@ def variants(w: np.ndarray, rows: int) -> dict[str, onnx.ModelProto]:
     return out
 
 
-def time_us(sess: ort.InferenceSession, a: np.ndarray, calls: int) -> float:
+def call_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Every product of one F=1 call side by side (inputs a_<weight>), float32."""
+    nodes, inputs, outputs, inits = [], [], [], []
+    for name, label in CALL.items():
+        rows, k, n = SHAPES[label]
+        w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, name))
+        nodes.append(helper.make_node("MatMul", [f"a_{name}", name], [f"y_{name}"], name=f"mm_{name}"))
+        inputs.append(helper.make_tensor_value_info(f"a_{name}", TensorProto.FLOAT, [1, rows, k]))
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "call", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def time_us(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], calls: int) -> float:
     for _ in range(20):
-        sess.run(None, {"a": a})
+        sess.run(None, feeds)
     best = np.inf
     for _ in range(3):
         t = np.empty(calls)
         for i in range(calls):
             s = time.perf_counter()
-            sess.run(None, {"a": a})
+            sess.run(None, feeds)
             t[i] = time.perf_counter() - s
         best = min(best, float(np.median(t)))
     return best * 1e6
@@ -99,12 +124,30 @@ def main() -> None:
         for model in variants(w, rows).values():
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
             y = sess.run(None, {"a": a})[0]
-            us = time_us(sess, a, args.calls)
+            us = time_us(sess, {"a": a}, args.calls)
             if base is None:
                 base, ref = us, y
             err = float(np.abs(y - ref).max() / np.abs(ref).max())
             cells.append(f"{us:8.1f} ({base / us:4.1f}x, {err:.0e})")
         print(f"{label:>14} {f'{rows} x {k} x {n}':>16} " + " ".join(f"{c:>26}" for c in cells), flush=True)
+
+    rate = matmul_rate(1)
+    call = call_model(rng)
+    macs = sum(np.prod(SHAPES[label]) for label in CALL.values())
+    feeds = {
+        f"a_{name}": np.maximum(rng.standard_normal((1, *SHAPES[label][:2])), 0).astype(np.float32)
+        for name, label in CALL.items()
+    }
+    print(
+        f"\nall products of one F=1 call in one graph ({macs / 1e6:.1f} M multiply-adds); "
+        f"floor {rate * 2 / 1e9:.1f} GFLOP/s -> {macs / rate * 1e6:.1f} us"
+    )
+    quantised = onnx.ModelProto()
+    quantised.CopyFrom(call)
+    for kind, model in (("float32", call), ("int8 (quantize_int8)", quantize_int8(quantised, 1))):
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        us = time_us(sess, feeds, args.calls)
+        print(f"{kind:>22}: {us:8.1f} us per call, {us / (macs / rate * 1e6):.2f} x the floor")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def export_onnx(
     # The exporter narrates its passes and warns about GRU weight attributes it handles correctly.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # notes on every pass and rewrite they apply
+            logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             step, example, None, dynamo=True, external_data=False, verbose=False,
             input_names=["audio", *STATE_NAMES],

@@ -65,10 +65,10 @@ class StreamingCPC(nn.Module):
         self.frames, self.window, self.k = frames_per_call, window, cfg.n_steps
         self.cosine = cfg.score == "cosine"
         self.scale = model.score_scale
-        # Conv1d weight (out, in, kernel) -> (kernel * in, out) in time-major order, as blocks are laid out,
-        # split into the half that acts on the earlier block of a window and the half for the later one.
-        # Both halves side by side, (stride * in, 2 * out), so one product gives both parts of every block;
-        # the bias belongs to the later half's part (each output gets it once).
+        # Conv1d weight (out, in, kernel) -> (kernel * in, out), time-major like the blocks. Its first half
+        # acts on the earlier block of a window, its second on the later; side by side, (stride * in,
+        # 2 * out), one product gives both parts of every block. The bias goes with the later part, so
+        # each output gets it once.
         pairs, biases = [], []
         for conv in model.encoder.convs:
             w = conv.weight.detach().permute(2, 1, 0).reshape(-1, conv.out_channels)
