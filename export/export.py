@@ -103,12 +103,12 @@ def keep_layer_norm_unfused(proto: onnx.ModelProto) -> int:
 def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelProto:
     """8-bit weights for every MatMul with a constant weight of at least INT8_BLOCK input rows, with the
     onnxruntime kernel that is fastest for its shape (measured, docs/benchmarks.md):
-    - convs 2-5 where they produce >= 8 rows per stream and call: each input row quantised to uint8 with
-      its own scale (the inputs are ReLU outputs), int8 weights with one scale per output channel, and
-      onnxruntime's integer GEMM (MatMulInteger), which is the fast kernel for several rows;
+    - convs 2-5 where they produce >= ROWWISE_MIN_ROWS rows per stream and call: each input row
+      quantised to uint8 with its own scale (the inputs are ReLU outputs), int8 weights with one scale
+      per output column, and onnxruntime's integer GEMM (MatMulInteger), fast for several rows;
     - the rest (few-row products: the later convs at small F, the GRU, the predictor): MatMulNBits,
       symmetric 8-bit weights with one scale per block of INT8_BLOCK inputs, int8 compute.
-    conv1 (10 inputs per output) stays float32."""
+    conv1 (5 inputs per block) stays float32."""
     from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
