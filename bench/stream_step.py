@@ -5,10 +5,11 @@
 Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F and
 each weight kind (fp32, and the int8 variant of `cpc-export --weights int8`; the weights' values do not
 change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times StreamBatch.step (what the
-daemon runs: onnxruntime with the state bound once through IOBinding) back to back and paced at real time (a call every F x 10 ms, as the daemon runs), and prints
-median / p99 ms per call, ms per frame per stream, the real-time factor of the whole batch, and the ratio
-to the compute floor: the model's multiply-adds per frame at the rate of a large float32 matrix product
-measured in this process with the same onnxruntime and thread count.
+daemon runs: the state bound once through IOBinding) back to back and paced at real time (a call every
+F x 10 ms, as the daemon runs), and prints median / p99 ms per call, ms per frame per stream, the
+real-time factor of the whole batch, and the ratio to the compute floor: the model's multiply-adds per
+frame at the rate of a large float32 matrix product measured in this process with the same onnxruntime
+and thread count.
 """
 
 from __future__ import annotations

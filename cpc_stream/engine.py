@@ -103,6 +103,14 @@ class ModelInfo:
     def samples_per_call(self) -> int:
         return self.frames_per_call * self.hop
 
+    def zero_outputs(self, *lead: int) -> dict[str, np.ndarray]:
+        """Zero arrays shaped like the outputs of one frame, behind the leading axes `lead`:
+        {"z": (*lead, enc_dim), "c": (*lead, ctx_dim), "scores"/"logprob"/"valid": (*lead, K)}."""
+        dims = {"z": self.enc_dim, "c": self.ctx_dim, "scores": self.n_steps, "logprob": self.n_steps}
+        out = {k: np.zeros((*lead, d), np.float32) for k, d in dims.items()}
+        out["valid"] = np.zeros((*lead, self.n_steps), bool)
+        return out
+
 
 def choose_providers(requested: str = "auto") -> list[str]:
     """onnxruntime providers: 'cpu', 'cuda' (an error if this onnxruntime has no CUDA), or 'auto'
@@ -197,17 +205,9 @@ class StreamBatch:
 
     def __init__(self, model: StreamingModel, batch: int):
         self.model, self.batch = model, batch
-        i = model.info
-        f = i.frames_per_call
-        self._audio = np.zeros((batch, i.samples_per_call), np.float32)
+        self._audio = np.zeros((batch, model.info.samples_per_call), np.float32)
         self._sets = [model.zero_state(batch), model.zero_state(batch)]
-        self._outputs = {
-            "z": np.zeros((batch, f, i.enc_dim), np.float32),
-            "c": np.zeros((batch, f, i.ctx_dim), np.float32),
-            "scores": np.zeros((batch, f, i.n_steps), np.float32),
-            "logprob": np.zeros((batch, f, i.n_steps), np.float32),
-            "valid": np.zeros((batch, f, i.n_steps), bool),
-        }
+        self._outputs = model.info.zero_outputs(batch, model.info.frames_per_call)
         self._bindings = []
         for k in range(2):  # binding k reads set k and writes set 1 - k
             b = model.session.io_binding()
@@ -266,16 +266,5 @@ class Stream:
             outs.append(self._batch.step(buf[None, i * n : (i + 1) * n]))
         self._pending = buf[calls * n :]
         if not outs:
-            return self._empty()
+            return self.model.info.zero_outputs(0)
         return {k: np.concatenate([o[k][0] for o in outs]) for k in OUTPUT_NAMES}
-
-    def _empty(self) -> dict[str, np.ndarray]:
-        i = self.model.info
-        dims = {
-            "z": (i.enc_dim,),
-            "c": (i.ctx_dim,),
-            "scores": (i.n_steps,),
-            "logprob": (i.n_steps,),
-            "valid": (i.n_steps,),
-        }
-        return {k: np.zeros((0, *d), dtype=bool if k == "valid" else np.float32) for k, d in dims.items()}

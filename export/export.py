@@ -48,41 +48,32 @@ ROWWISE_MIN_ROWS = 8  # products with at least this many rows per stream and cal
 def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
     """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
     quantised to uint8 with its own scale (max / 255), weight to int8 with one scale per output column,
-    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`. Products that
-    share an input share its quantisation: the nodes quantising `a` are emitted with its first product."""
+    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
     from onnx import TensorProto, helper, numpy_helper
 
     a, name = node.input[0], node.name
-    t = f"{a}_rowq"
     w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / 127.0  # (N,)
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.round(weight / w_scale).astype(np.int8), f"{name}_w_int8"),
             numpy_helper.from_array(w_scale.astype(np.float32), f"{name}_w_scale"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{name}_last_axis"),
+            numpy_helper.from_array(np.array(1e-30 * 255.0, np.float32), f"{name}_tiny"),
+            numpy_helper.from_array(np.array(255.0, np.float32), f"{name}_u8_max"),
         ]
     )
-    quantise = []
-    if not any(i.name == f"{t}_last_axis" for i in graph.initializer):
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.array([-1], np.int64), f"{t}_last_axis"),
-                numpy_helper.from_array(np.array(1e-30 * 255.0, np.float32), f"{t}_tiny"),
-                numpy_helper.from_array(np.array(255.0, np.float32), f"{t}_u8_max"),
-            ]
-        )
-        quantise = [
-            helper.make_node("ReduceMax", [a, f"{t}_last_axis"], [f"{t}_max"], keepdims=1),
-            helper.make_node("Max", [f"{t}_max", f"{t}_tiny"], [f"{t}_max_safe"]),
-            helper.make_node("Div", [f"{t}_max_safe", f"{t}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
-            helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
-            helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
-            helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
-        ]
-    return quantise + [
-        helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{name}_i32"]),
-        helper.make_node("Cast", [f"{name}_i32"], [f"{name}_f32"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{name}_scales"]),
-        helper.make_node("Mul", [f"{name}_f32", f"{name}_scales"], list(node.output)),
+    t = f"{name}_rowq"
+    return [
+        helper.make_node("ReduceMax", [a, f"{name}_last_axis"], [f"{t}_max"], keepdims=1),
+        helper.make_node("Max", [f"{t}_max", f"{name}_tiny"], [f"{t}_max_safe"]),
+        helper.make_node("Div", [f"{t}_max_safe", f"{name}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
+        helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
+        helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
+        helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{t}_i32"]),
+        helper.make_node("Cast", [f"{t}_i32"], [f"{t}_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{t}_scales"]),
+        helper.make_node("Mul", [f"{t}_f32", f"{t}_scales"], list(node.output)),
     ]
 
 
