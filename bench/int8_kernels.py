@@ -9,7 +9,11 @@ convs with >= 8 rows per call), and onnxruntime's quantize_dynamic (one activati
 used, see docs/onnx-contract.md). Prints median microseconds per call (best of 3 rounds), the speed-up
 over float32 and the error relative to the largest float32 output, on ReLU-like inputs.
 
-Then all eight products of a one-frame call in one graph, quantised by cpc-export's own rule
+"predictor step" is one W_k (the graph applies each of the K = 12 to its own context c_{t-k}); "all 12
+steps" is the same weights as one product, for comparison (what a graph keeping predictions instead of
+contexts runs).
+
+Then all 18 products of a one-frame call in one graph, quantised by cpc-export's own rule
 (quantize_int8), float32 and int8: what a one-frame call costs for its products alone, with every weight
 read from beyond the core's caches as in the real graph, against the compute floor of
 bench/stream_step.py measured in the same process.
@@ -38,12 +42,14 @@ SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1; each conv's tw
     "conv5": (1, 1024, 1024),
     "gru input": (1, 512, 768),
     "gru hidden": (1, 256, 768),
-    "predictor": (1, 256, 6144),
+    "predictor step": (1, 256, 512),
+    "all 12 steps": (1, 256, 6144),
     "conv2 at F=4": (32, 2048, 1024),
 }
 CALL = {  # the products of one F=1 call, under the initializer names quantize_int8 decides by
-    "conv_w.1": "conv2", "conv_w.2": "conv3", "conv_w.3": "conv4", "conv_w.4": "conv5",
-    "gru_w_ih": "gru input", "gru_w_hh": "gru hidden", "pred_w": "predictor",
+    "conv_w.0": "conv2", "conv_w.1": "conv3", "conv_w.2": "conv4", "conv_w.3": "conv5",
+    "gru_w_ih": "gru input", "gru_w_hh": "gru hidden",
+    **{f"pred_w.{k}": "predictor step" for k in range(12)},  # W_k, each on its own context c_{t-k}
 }  # fmt: skip
 
 

@@ -110,7 +110,7 @@ class Daemon:
         i = self.model.info
         return {
             "daemon": f"cpc-stream {__version__}",
-            "model": {k: v for k, v in i.__dict__.items() if k != "state_shapes"},
+            "model": {k: v for k, v in i.__dict__.items() if k not in ("state_shapes", "state_names")},
             "streams": [s.source.name for s in self.streams],
             "kinds": ["c", "scores", *(["z"] if self.cfg.publish_z else [])],
             "providers": self.model.providers,

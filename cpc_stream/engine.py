@@ -27,9 +27,11 @@ from .hugepages import collapse_anonymous_memory
 FORMAT_KEY = "cpc_stream.format"
 FORMAT_NAME = "cpc-stream-onnx"
 FORMAT_VERSION = 1
+# The state cpc-export writes. A runtime takes a graph's own state names and shapes from its metadata
+# (graphs from before 2026-11-28 hold pred_history instead of ctx_history), so it needs neither.
 STATE_NAMES = (
     "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
-    "gru_h", "pred_history", "z_history", "frame_index",
+    "gru_h", "ctx_history", "z_history", "frame_index",
 )  # fmt: skip
 OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
 WEIGHT_KINDS = ("fp32", "int8")
@@ -55,12 +57,14 @@ class ModelInfo:
     train_step: int = 0
     exported_by: str = ""
     weights: str = "fp32"  # or "int8": 8-bit matrix weights, outputs within the stated tolerance
+    state_names: tuple[str, ...] = STATE_NAMES  # the graph's state inputs, in order
 
     def to_metadata(self) -> dict[str, str]:
         meta = {FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}"}
         for k, v in asdict(self).items():
-            meta[k] = json.dumps(v) if isinstance(v, dict) else str(v)
-        meta["state_names"] = ",".join(STATE_NAMES)
+            meta[k] = (
+                json.dumps(v) if isinstance(v, dict) else ",".join(v) if isinstance(v, tuple) else str(v)
+            )
         return meta
 
     @classmethod
@@ -80,22 +84,22 @@ class ModelInfo:
                 raise UserError(f"{source}: metadata key {f.name!r} is missing")
             raw = meta[f.name]
             try:
-                kwargs[f.name] = (
-                    json.loads(raw)
-                    if f.type.startswith("dict")
-                    else {"int": int, "float": float}.get(f.type, str)(raw)
-                )
+                if f.type.startswith("dict"):
+                    kwargs[f.name] = json.loads(raw)
+                elif f.type.startswith("tuple"):
+                    kwargs[f.name] = tuple(raw.split(","))
+                else:
+                    kwargs[f.name] = {"int": int, "float": float}.get(f.type, str)(raw)
             except ValueError:
                 raise UserError(f"{source}: metadata key {f.name!r} has a bad value {raw!r}") from None
         if kwargs.get("weights", "fp32") not in WEIGHT_KINDS:
             raise UserError(
                 f"{source}: weights {kwargs['weights']!r} unknown (this runtime reads {', '.join(WEIGHT_KINDS)})"
             )
-        if meta.get("state_names") != ",".join(STATE_NAMES) or set(kwargs["state_shapes"]) != set(
-            STATE_NAMES
-        ):
+        names = kwargs["state_names"]
+        if len(set(names)) != len(names) or set(names) != set(kwargs["state_shapes"]):
             raise UserError(
-                f"{source}: state names {meta.get('state_names')!r} are not this runtime's {','.join(STATE_NAMES)}"
+                f"{source}: state names {','.join(names)} do not match the state shapes' {','.join(kwargs['state_shapes'])}"
             )
         return cls(**kwargs)
 
@@ -159,20 +163,25 @@ class StreamingModel:
             ) from None
         self.huge_page_bytes = collapse_anonymous_memory() if huge_pages else 0
         self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(p))
+        names = self.info.state_names
         inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != ["audio", *STATE_NAMES]:
-            raise UserError(f"{p}: graph inputs {inputs} are not audio + {', '.join(STATE_NAMES)}")
-        self._outputs = [*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)]
+        if inputs != ["audio", *names]:
+            raise UserError(f"{p}: graph inputs {inputs} are not audio + {', '.join(names)}")
+        self._outputs = [*OUTPUT_NAMES, *(f"new_{n}" for n in names)]
+        missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
+        if missing:
+            raise UserError(f"{p}: graph outputs lack {', '.join(sorted(missing))}")
+        self._dtypes = {
+            i.name: np.int64 if i.type == "tensor(int64)" else np.float32 for i in self.session.get_inputs()
+        }
         self.providers = self.session.get_providers()
 
     def zero_state(self, batch: int) -> dict[str, np.ndarray]:
         """Fresh state for `batch` streams: every stream at its start."""
+        shapes = self.info.state_shapes
         return {
-            name: np.zeros(
-                [batch if d == "B" else d for d in shape],
-                dtype=np.int64 if name == "frame_index" else np.float32,
-            )
-            for name, shape in self.info.state_shapes.items()
+            name: np.zeros([batch if d == "B" else d for d in shapes[name]], dtype=self._dtypes[name])
+            for name in self.info.state_names
         }
 
     @staticmethod
@@ -192,7 +201,7 @@ class StreamingModel:
         values = self.session.run(self._outputs, feeds)
         n = len(OUTPUT_NAMES)
         return dict(zip(OUTPUT_NAMES, values[:n], strict=True)), dict(
-            zip(STATE_NAMES, values[n:], strict=True)
+            zip(self.info.state_names, values[n:], strict=True)
         )
 
 
@@ -212,7 +221,7 @@ class StreamBatch:
         for k in range(2):  # binding k reads set k and writes set 1 - k
             b = model.session.io_binding()
             b.bind_cpu_input("audio", self._audio)
-            for name in STATE_NAMES:
+            for name in model.info.state_names:
                 b.bind_cpu_input(name, self._sets[k][name])
                 _bind_output(b, f"new_{name}", self._sets[1 - k][name])
             for name, arr in self._outputs.items():

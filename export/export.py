@@ -47,8 +47,9 @@ ROWWISE_MIN_ROWS = 8  # products with at least this many rows per stream and cal
 
 def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
     """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
-    quantised to uint8 with its own scale (max / 255), weight to int8 with one scale per output column,
-    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
+    quantised to uint8 with its own scale (max / 255; one QuantizeLinear block per row, opset 21),
+    weight to int8 with one scale per output column, onnxruntime's integer GEMM, then both scales
+    applied. Adds the constants to `graph`."""
     from onnx import TensorProto, helper, numpy_helper
 
     a, name = node.input[0], node.name
@@ -67,9 +68,10 @@ def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: n
         helper.make_node("ReduceMax", [a, f"{name}_last_axis"], [f"{t}_max"], keepdims=1),
         helper.make_node("Max", [f"{t}_max", f"{name}_tiny"], [f"{t}_max_safe"]),
         helper.make_node("Div", [f"{t}_max_safe", f"{name}_u8_max"], [f"{t}_scale"]),  # (..., rows, 1)
-        helper.make_node("Div", [a, f"{t}_scale"], [f"{t}_scaled"]),
-        helper.make_node("Round", [f"{t}_scaled"], [f"{t}_rounded"]),
-        helper.make_node("Cast", [f"{t}_rounded"], [f"{t}_u8"], to=TensorProto.UINT8),
+        # uint8 (no zero point), rounding half to even like the float Round it replaces
+        helper.make_node(
+            "QuantizeLinear", [a, f"{t}_scale"], [f"{t}_u8"], axis=-1, block_size=weight.shape[0]
+        ),
         helper.make_node("MatMulInteger", [f"{t}_u8", f"{name}_w_int8"], [f"{t}_i32"]),
         helper.make_node("Cast", [f"{t}_i32"], [f"{t}_f32"], to=TensorProto.FLOAT),
         helper.make_node("Mul", [f"{t}_scale", f"{name}_w_scale"], [f"{t}_scales"]),
@@ -107,8 +109,10 @@ def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelPro
     graph = proto.graph
     weights = {i.name: i for i in graph.initializer}
     rows_per_hop = [HOP // int(np.prod(STRIDES[: i + 1])) for i in range(len(STRIDES))]  # 32 8 4 2 1
-    many_rows = {
-        f"conv_w.{i}" for i in range(1, len(STRIDES)) if rows_per_hop[i] * frames_per_call >= ROWWISE_MIN_ROWS
+    many_rows = {  # conv_w.{i - 1} is conv layer i + 1's weight (conv1 has its own, conv1_w)
+        f"conv_w.{i - 1}"
+        for i in range(1, len(STRIDES))
+        if rows_per_hop[i] * frames_per_call >= ROWWISE_MIN_ROWS
     }
     nodes = []
     for node in graph.node:
@@ -127,7 +131,11 @@ def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelPro
         proto, bits=8, block_size=INT8_BLOCK, is_symmetric=True, accuracy_level=4, nodes_to_exclude=small
     )
     quantizer.process()
-    return quantizer.model.model
+    model = quantizer.model.model
+    for opset in model.opset_import:  # blocked QuantizeLinear (one scale per row) is opset 21
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, 21)
+    return model
 
 
 def export_onnx(

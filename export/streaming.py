@@ -27,7 +27,7 @@ output of the next call. Nothing is concatenated or copied in front of the produ
 from __future__ import annotations
 
 import torch
-from cpc_training.config import KERNELS, STRIDES
+from cpc_training.config import HOP, KERNELS, STRIDES
 from cpc_training.model import CPC
 from torch import nn
 
@@ -37,8 +37,9 @@ from cpc_stream.engine import STATE_NAMES
 def state_shapes(model: CPC, window: int) -> dict[str, list[int | str]]:
     """State shapes with "B" for the batch axis."""
     c, h, k = model.cfg.enc_dim, model.cfg.ctx_dim, model.cfg.n_steps
-    shapes: dict[str, list[int | str]] = {f"cache_conv{i + 1}": ["B", 1, c] for i in range(len(STRIDES))}
-    shapes.update(gru_h=["B", h], pred_history=["B", k, k, c], z_history=["B", window, c], frame_index=["B"])
+    shapes: dict[str, list[int | str]] = {"cache_conv1": ["B", KERNELS[0] - STRIDES[0]]}
+    shapes.update({f"cache_conv{i + 1}": ["B", 1, c] for i in range(1, len(STRIDES))})
+    shapes.update(gru_h=["B", h], ctx_history=["B", k, h], z_history=["B", window, c], frame_index=["B"])
     return shapes
 
 
@@ -65,12 +66,26 @@ class StreamingCPC(nn.Module):
         self.frames, self.window, self.k = frames_per_call, window, cfg.n_steps
         self.cosine = cfg.score == "cosine"
         self.scale = model.score_scale
+        # Cosine scores lie within +-scale: below 40, exp of every score and their sum fit in float32.
+        self.bounded = self.cosine and self.scale <= 40
         # Conv1d weight (out, in, kernel) -> (kernel * in, out), time-major like the blocks. Its first half
         # acts on the earlier block of a window, its second on the later; side by side, (stride * in,
         # 2 * out), one product gives both parts of every block. The bias goes with the later part, so
         # each output gets it once.
+        # conv1 sees raw samples: its windows are gathered from the last 5 samples and the new audio (an
+        # im2col of 160 samples per frame is cheaper than carrying its (32, 2C) output halves).
+        conv1 = model.encoder.convs[0]
+        self.conv1_w = nn.Parameter(conv1.weight.detach().flatten(1).t().contiguous())  # (10, C)
+        self.conv1_b = nn.Parameter(conv1.bias.detach().clone())
+        n1 = frames_per_call * HOP // STRIDES[0]  # conv1 outputs per call
+        taps = torch.arange(n1).unsqueeze(1) * STRIDES[0] + torch.arange(KERNELS[0])  # (n1, 10) samples
+        self.register_buffer("conv1_index", taps.flatten(), persistent=False)
+        # Later convs: weight (out, in, kernel) -> (kernel * in, out), time-major like the blocks. Its
+        # first half acts on the earlier block of a window, its second on the later; side by side,
+        # (stride * in, 2 * out), one product gives both parts of every block. The bias goes with the
+        # later part, so each output gets it once.
         pairs, biases = [], []
-        for conv in model.encoder.convs:
+        for conv in model.encoder.convs[1:]:
             w = conv.weight.detach().permute(2, 1, 0).reshape(-1, conv.out_channels)
             pairs.append(nn.Parameter(torch.cat([w[: w.shape[0] // 2], w[w.shape[0] // 2 :]], dim=1)))
             biases.append(nn.Parameter(torch.cat([torch.zeros_like(conv.bias), conv.bias.detach()])))
@@ -92,31 +107,45 @@ class StreamingCPC(nn.Module):
         if gru_as_matmuls:  # stored transposed, so that every frame's product reads the same constant
             self.gru_w_ih = nn.Parameter(model.gru.weight_ih_l0.detach().t().contiguous())  # (C, 3H)
             self.gru_w_hh = nn.Parameter(model.gru.weight_hh_l0.detach().t().contiguous())  # (H, 3H)
-        # Predictor (K*C, H) -> (H, K*C): one plain GEMM gives every W_k c_t of a frame.
-        self.pred_w = nn.Parameter(model.predictor.weight.detach().t().contiguous())
+        # Predictor (K*C, H): W_k as its own (H, C) constant per step, applied to the context k frames
+        # back (kept in ctx_history), so that each weight is read once per call whatever F is.
+        w = model.predictor.weight.detach().t().unflatten(1, (cfg.n_steps, cfg.enc_dim))  # (H, K, C)
+        self.pred_w = nn.ParameterList(nn.Parameter(w[:, k].contiguous()) for k in range(cfg.n_steps))
+        # Of this call's own frames, frame i's negatives window holds frames j = 0..i (at most W back).
+        j, i = torch.arange(frames_per_call).unsqueeze(1), torch.arange(frames_per_call)
+        keep_new = ((j <= i) & (i - j <= window)).float().unsqueeze(-1)  # (F, F, 1): [frame j, frame i]
+        self.register_buffer("keep_new", keep_new, persistent=False)
+        self.register_buffer("same_frame", torch.eye(frames_per_call).unsqueeze(-1), persistent=False)
         # valid[i, j - 1] = (t + i - j >= 0): no context j frames back before the stream began
         i, j = torch.arange(frames_per_call).unsqueeze(1), torch.arange(1, cfg.n_steps + 1)
         self.register_buffer("frame_minus_step", (i - j).unsqueeze(0), persistent=False)  # (1, F, K)
 
     def _encode(
-        self, audio: torch.Tensor, carries: list[torch.Tensor]
+        self, audio: torch.Tensor, caches: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """audio (B, F*160), each layer's carry (B, 1, C) -> z (B, F, C) and the new carries."""
-        x = audio.unsqueeze(-1)  # (B, F*160, 1)
-        new_carries = []
-        for i, stride in enumerate(STRIDES):
-            blocks = x.reshape(x.shape[0], -1, stride * x.shape[2])  # (B, n, stride * Cin): n outputs
+        """audio (B, F*160), conv1's last samples (B, 5) and each later layer's carry (B, 1, C) ->
+        z (B, F, C) and the new caches."""
+        b = audio.shape[0]
+        samples = torch.cat([caches[0], audio], dim=1)  # (B, 5 + F*160)
+        windows = torch.index_select(samples, 1, self.conv1_index).reshape(b, -1, KERNELS[0])
+        x = self._norm_relu(windows @ self.conv1_w + self.conv1_b, 0)  # (B, 32F, C)
+        new_caches = [audio[:, audio.shape[1] - (KERNELS[0] - STRIDES[0]) :]]
+        for i, stride in enumerate(STRIDES[1:]):
+            blocks = x.reshape(b, -1, stride * x.shape[2])  # (B, n, stride * Cin): n outputs
             # block j's part of output j (early) and of output j - 1 (late)
             early, late = (blocks @ self.conv_w[i] + self.conv_b[i]).chunk(2, dim=-1)
             if blocks.shape[1] == 1:
-                x = carries[i] + late
+                x = caches[i + 1] + late
             else:  # output 0's earlier block is the previous call's last: its part is the carry
-                x = torch.cat([carries[i], early[:, :-1]], dim=1) + late
-            new_carries.append(early if blocks.shape[1] == 1 else early[:, -1:])
-            if self.norm:  # ChannelNorm over the last axis is exactly layer norm: one ONNX node
-                x = nn.functional.layer_norm(x, x.shape[-1:], self.norm_w[i], self.norm_b[i], self.eps)
-            x = torch.relu(x)
-        return x, new_carries  # x: (B, F, C)
+                x = torch.cat([caches[i + 1], early[:, :-1]], dim=1) + late
+            new_caches.append(early if blocks.shape[1] == 1 else early[:, -1:])
+            x = self._norm_relu(x, i + 1)
+        return x, new_caches  # x: (B, F, C)
+
+    def _norm_relu(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.norm:  # ChannelNorm over the last axis is exactly layer norm: one ONNX node
+            x = nn.functional.layer_norm(x, x.shape[-1:], self.norm_w[layer], self.norm_b[layer], self.eps)
+        return torch.relu(x)
 
     def _gru_unrolled(self, z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """torch.nn.GRU's equations, frame by frame: z (B, F, C), h (B, H) -> c (B, F, H), last h."""
@@ -132,28 +161,24 @@ class StreamingCPC(nn.Module):
             outs.append(h)
         return torch.stack(outs, dim=1), h
 
-    def _space(self, x: torch.Tensor) -> torch.Tensor:
+    def _space(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x in score space, times `scale`: unit-normalised when the score is cosine."""
         if not self.cosine:
-            return x
-        return x / torch.clamp(torch.linalg.vector_norm(x, dim=-1, keepdim=True), min=1e-12)
+            return x * scale if scale != 1.0 else x
+        norm = torch.clamp(torch.linalg.vector_norm(x, dim=-1, keepdim=True), min=1e-12)
+        return x / (norm / scale) if scale != 1.0 else x / norm
 
-    def _aimed_predictions(
-        self, pred_ring: torch.Tensor, p_new: torch.Tensor, t: torch.Tensor
-    ) -> torch.Tensor:
-        """The prediction aimed at new frame i by step j (1..K), made at frame t + i - j by W_j:
-        from the ring (slot (t + i - j) mod K) when that frame came before this call, else from this
-        call's own p_new. pred_ring (B, K, K, C), p_new (B, F, K, C), t (B,) -> (B, F*K, C)."""
-        f, k = self.frames, self.k
-        i = torch.arange(f, device=t.device).repeat_interleave(k)  # (F*K,) new frame of each row
-        j = torch.arange(1, k + 1, device=t.device).repeat(f)  # (F*K,) its step
-        slot = torch.remainder(t.unsqueeze(1) + (i - j), k)  # (B, F*K)
-        flat = (slot * k + (j - 1)).unsqueeze(-1).expand(-1, -1, pred_ring.shape[-1])
-        ps = torch.gather(pred_ring.flatten(1, 2), 1, flat)
-        if f > 1:  # rows with j <= i were predicted within this call
-            from_new = (j <= i).unsqueeze(-1)  # (F*K, 1)
-            within = [max(a - b, 0) * k + b - 1 for a in range(f) for b in range(1, k + 1)]
-            ps = torch.where(from_new, p_new.flatten(1, 2)[:, within], ps)
-        return ps
+    def _window_of_ring(self, t: torch.Tensor) -> torch.Tensor:
+        """Which ring slots are in each new frame's negatives window: (B, F, W) bool, for t (B,) frames
+        seen. Slot m holds the frame `age` frames before t; new frame i keeps ages <= W - i (its window)
+        that are also <= t (on or after the stream's start)."""
+        f, w, dev = self.frames, self.window, t.device
+        slots = torch.arange(w, device=dev)
+        if f == 1:  # ages <= min(t, W) are exactly the slots written so far: m < t
+            return (slots < t.unsqueeze(1)).unsqueeze(1)
+        age = w - torch.remainder(slots - t.unsqueeze(1), w)  # (B, W) in 1..W
+        limit = torch.minimum(t.unsqueeze(1), w - torch.arange(f, device=dev))  # (B, F)
+        return age.unsqueeze(1) <= limit.unsqueeze(2)
 
     def _ring_write(self, ring: torch.Tensor, new: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ring (B, N, ...) holding frame s in slot s mod N; write new (B, F, ...) for frames t..t+F-1
@@ -167,8 +192,8 @@ class StreamingCPC(nn.Module):
     def forward(self, audio: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """audio (B, F*160) float32 and the state in STATE_NAMES order ->
         z (B, F, C), c (B, F, H), scores (B, F, K), logprob (B, F, K), valid (B, F, K) bool, new state."""
-        caches, gru_h, pred_ring, z_ring, t = list(state[:5]), state[5], state[6], state[7], state[8]
-        f, k, w, dev = self.frames, self.k, self.window, audio.device
+        caches, gru_h, ctx_history, z_ring, t = list(state[:5]), state[5], state[6], state[7], state[8]
+        f, k = self.frames, self.k
         z, new_caches = self._encode(audio, caches)
         if self.gru_as_matmuls:
             c, h = self._gru_unrolled(z, gru_h)
@@ -176,32 +201,38 @@ class StreamingCPC(nn.Module):
             c, h = self.gru(z, gru_h.unsqueeze(0))
             h = h.squeeze(0)
 
-        # All K predictions of the new frames in one product; those of earlier frames are in the ring.
-        p_new = self._space((c @ self.pred_w).unflatten(-1, (k, -1)))  # (B, F, K, C)
-        ps = self._aimed_predictions(pred_ring, p_new, t)  # (B, F*K, C)
+        # contexts[:, q] = c_{t-K+q}; new frame i's step-j prediction is W_j applied to c_{t+i-j}, so step j
+        # multiplies the F contexts starting j frames back: windows[K - j].
+        contexts = torch.cat([ctx_history, c], dim=1)  # (B, K + F, H)
+        if f == 1:  # the windows are the history's rows: one Split instead of K slices
+            windows = ctx_history.split(1, dim=1)
+        else:
+            windows = [contexts[:, m : m + f] for m in range(k)]
+        p = torch.cat([windows[k - j] @ self.pred_w[j - 1] for j in range(1, k + 1)], dim=-1)  # (B, F, K*C)
+        ps = self._space(p.unflatten(-1, (k, -1)), self.scale).flatten(1, 2)  # (B, F*K, C), scaled
         zs = self._space(z)  # (B, F, C)
 
-        # Scores of every aimed prediction against the ring's W earlier frames and this call's F frames.
-        s_old = (ps @ z_ring.transpose(1, 2)).unflatten(1, (f, k)) * self.scale  # (B, F, K, W)
-        s_new = (ps @ zs.transpose(1, 2)).unflatten(1, (f, k)) * self.scale  # (B, F, K, F)
-        if f == 1:
-            pos = s_new[..., 0]
-        else:  # frame i's positive is its own column i
-            pos = (s_new * torch.eye(f, device=dev).unsqueeze(1)).sum(-1)
-        # Ring slot m holds the frame `age` frames before t; new frame i keeps ages <= W - i (its window)
-        # that are also <= t (on or after the stream's start). Of the new frames it keeps 0..i.
-        age = w - torch.remainder(torch.arange(w, device=dev) - t.unsqueeze(1), w)  # (B, W) in 1..W
-        limit = torch.minimum(t.unsqueeze(1), w - torch.arange(f, device=dev))  # (B, F)
-        keep_old = age.unsqueeze(1) <= limit.unsqueeze(2)  # (B, F, W)
-        s_old = torch.where(keep_old.unsqueeze(2), s_old, float("-inf"))
-        if f > 1:
-            i, j = torch.arange(f, device=dev).unsqueeze(1), torch.arange(f, device=dev)
-            outside = (j > i) | (i - j > w)  # (F, F): new frame j is not in new frame i's window
-            s_new = s_new.masked_fill(outside.unsqueeze(1), float("-inf"))
-        logprob = pos - torch.logsumexp(torch.cat([s_old, s_new], dim=-1), dim=-1)
+        # Every aimed prediction against the ring's W earlier frames and this call's F frames.
+        s_old = z_ring @ ps.transpose(1, 2)  # (B, W, F*K)
+        s_new = (zs @ ps.transpose(1, 2)).unflatten(-1, (f, k))  # (B, F, F, K): [frame j, frame i, k]
+        pos = s_new[:, 0] if f == 1 else (s_new * self.same_frame).sum(1)  # (B, F, K)
+        keep_old = self._window_of_ring(t)  # (B, F, W)
+        if self.bounded:  # no exp can overflow: sum them directly, the ring's through its 0/1 window
+            total_old = keep_old.to(s_old.dtype) @ torch.exp(s_old)  # (B, F, F*K): [frame i, frame i', k]
+            if f > 1:  # frame i's sum over its own predictions only
+                total_old = (total_old.unflatten(-1, (f, k)) * self.same_frame).sum(2)
+            e_new = torch.exp(s_new)
+            total_new = e_new[:, 0] if f == 1 else (e_new * self.keep_new).sum(1)
+            logprob = pos - torch.log(total_old + total_new)  # (B, F, K)
+        else:  # unbounded scores: logsumexp, with the frames outside each window at -inf
+            s_old = s_old.unflatten(-1, (f, k)).masked_fill(
+                ~keep_old.transpose(1, 2).unsqueeze(-1), float("-inf")
+            )
+            s_new = s_new.masked_fill(self.keep_new == 0, float("-inf"))
+            logprob = pos - torch.logsumexp(torch.cat([s_old, s_new], dim=1), dim=1)  # (B, F, K)
         valid = (t.view(-1, 1, 1) + self.frame_minus_step) >= 0  # (B, F, K)
         nan = float("nan")
         return (
             z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid,
-            *new_caches, h, self._ring_write(pred_ring, p_new, t), self._ring_write(z_ring, zs, t), t + f,
+            *new_caches, h, contexts[:, f:], self._ring_write(z_ring, zs, t), t + f,
         )  # fmt: skip

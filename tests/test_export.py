@@ -189,15 +189,83 @@ def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
         StreamingModel(tmp_path / "d.onnx")
 
 
+def _graph_with_other_state(path, state_names):
+    """A toy graph in the contract (F=1, C=H=2, K=1) whose state is "acc" (B, 2) float32, a running sum
+    of the first two samples, and "counter" (B,) int64: another state than cpc-export writes, as a graph
+    of an older or newer layout has. c = the new sum; scores = the counter before the call."""
+    from onnx import TensorProto as T
+    from onnx import numpy_helper
+
+    from cpc_stream.engine import ModelInfo
+
+    const = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in [
+        ("start", [0], np.int64), ("two", [2], np.int64), ("axis1", [1], np.int64), ("axes12", [1, 2], np.int64),
+        ("one", 1, np.int64), ("minus", -1.0, np.float32)]]  # fmt: skip
+    nodes = [
+        helper.make_node("Slice", ["audio", "start", "two", "axis1"], ["head"]),
+        helper.make_node("Add", ["acc", "head"], ["new_acc"]),
+        helper.make_node("Unsqueeze", ["head", "axis1"], ["z"]),
+        helper.make_node("Unsqueeze", ["new_acc", "axis1"], ["c"]),
+        helper.make_node("Cast", ["counter"], ["count_f"], to=T.FLOAT),
+        helper.make_node("Unsqueeze", ["count_f", "axes12"], ["scores"]),
+        helper.make_node("Identity", ["scores"], ["logprob"]),
+        helper.make_node("Greater", ["scores", "minus"], ["valid"]),
+        helper.make_node("Add", ["counter", "one"], ["new_counter"]),
+    ]
+    io = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "toy",
+        [io("audio", T.FLOAT, ["B", 160]), io("acc", T.FLOAT, ["B", 2]), io("counter", T.INT64, ["B"])],
+        [io(n, T.FLOAT, None) for n in ("z", "c", "scores", "logprob")]
+        + [io("valid", T.BOOL, None), io("new_acc", T.FLOAT, None), io("new_counter", T.INT64, None)],
+        const)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    info = ModelInfo(
+        sample_rate=16000, hop=160, frames_per_call=1, enc_dim=2, ctx_dim=2, n_steps=1, neg_window=4,
+        score="cosine", temperature=0.1, norm="channel", state_shapes={"acc": ["B", 2], "counter": ["B"]},
+        state_names=state_names,
+    )  # fmt: skip
+    helper.set_model_props(model, info.to_metadata())
+    onnx.save(model, str(path))
+
+
+def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
+    """A graph whose state is not the one cpc-export writes today (older graphs hold pred_history) runs
+    through StreamingModel and StreamBatch by the names, shapes and dtypes it declares; a graph whose
+    declared names do not match its inputs is refused with a one-line error."""
+    _graph_with_other_state(tmp_path / "toy.onnx", ("acc", "counter"))
+    runtime = StreamingModel(tmp_path / "toy.onnx", providers="cpu")
+    state = runtime.zero_state(2)
+    assert (
+        state["acc"].dtype == np.float32
+        and state["counter"].dtype == np.int64
+        and list(state) == ["acc", "counter"]
+    )
+    batch = StreamBatch(runtime, 2)
+    audio = np.arange(2 * 160, dtype=np.float32).reshape(2, 160)
+    for _ in range(3):
+        out = batch.step(audio)
+    assert out["c"][:, 0].tolist() == [[0.0, 3.0], [480.0, 483.0]] and out["scores"][:, 0, 0].tolist() == [
+        2,
+        2,
+    ]
+    assert batch.state["counter"].tolist() == [3, 3]
+    _graph_with_other_state(tmp_path / "bad.onnx", ("counter", "acc"))
+    with pytest.raises(
+        UserError, match=r"graph inputs \['audio', 'acc', 'counter'\] are not audio \+ counter, acc"
+    ):
+        StreamingModel(tmp_path / "bad.onnx")
+
+
 def test_metadata_describes_the_state(tmp_path, trained):
     model, cfg, _ = trained
     export_onnx(model, cfg, 15, tmp_path / "m.onnx", 2, 8)
     info = StreamingModel(tmp_path / "m.onnx").info
     assert (info.frames_per_call, info.neg_window, info.n_steps, info.ctx_dim) == (2, 8, 5, 32)
     assert info.config_hash == cfg.model_hash() and info.train_step == 15
-    assert info.state_shapes["pred_history"] == ["B", 5, 5, 64]
+    assert info.state_shapes["ctx_history"] == ["B", 5, 32] and info.state_shapes["z_history"] == ["B", 8, 64]
     state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
-    assert state["cache_conv2"].shape == (3, 1, 64) and state["frame_index"].dtype == np.int64
+    assert state["cache_conv1"].shape == (3, 5) and state["cache_conv2"].shape == (3, 1, 64)
+    assert state["frame_index"].dtype == np.int64 and list(state) == list(info.state_names)
 
 
 def test_cli_proves_and_writes(tmp_path, trained, capsys):
@@ -278,12 +346,14 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     proto = onnx.load(str(int8))
     ops = [n.op_type for n in proto.graph.node]
     blockwise = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
-    # At F=10 convs 2-5 give >= 8 rows per call: row-wise uint8 x int8 integer GEMMs. The GRU's input
-    # and hidden products and the predictor: block-wise 8-bit weights. conv1 (5 input rows) stays float.
-    assert ops.count("MatMulInteger") == 4 and ops.count("Round") == 4
-    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
-    # Float products left: conv1, and the scores against z_history and against this call's z.
-    assert "GRU" not in ops and ops.count("MatMul") == 3
+    # At F=10 convs 2-5 give >= 8 rows per call: row-wise uint8 x int8 integer GEMMs, each input row
+    # quantised by one QuantizeLinear block. The GRU's input and hidden products and the K = 4 predictor
+    # steps: block-wise 8-bit weights. conv1 (10 input rows) stays float.
+    assert ops.count("MatMulInteger") == 4 and ops.count("QuantizeLinear") == 4
+    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", *(f"pred_w.{k}_Q8" for k in range(4))}
+    # Float products left: conv1, the scores against z_history and against this call's z, and the sum
+    # of the exponentiated scores over each frame's window.
+    assert "GRU" not in ops and ops.count("MatMul") == 4
     assert StreamingModel(int8).info.weights == "int8" and StreamingModel(fp32).info.weights == "fp32"
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
