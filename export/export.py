@@ -42,7 +42,7 @@ TOLERANCE = {"z": 1e-4, "c": 1e-4, "scores": 1e-3, "logprob": 1e-3}
 # The int8 variant's weights are 8-bit: its outputs are held to a looser, stated bound (onnx-contract.md).
 TOLERANCE_INT8 = {"z": 0.1, "c": 0.05, "scores": 0.1, "logprob": 0.1}
 INT8_BLOCK = 128  # weights share one scale per block of 128 along the input axis
-ROWWISE_MIN_ROWS = 8  # products with at least this many rows per stream and call use the row-wise kernel
+ROWWISE_MIN_ROWS = 4  # products with at least this many rows per stream and call use the row-wise kernel
 
 
 def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:

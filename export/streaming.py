@@ -6,22 +6,24 @@ stream is zeroing its rows. Run hop after hop, it reproduces CPC.forward and pre
 whole utterance (to float rounding).
 
 State (batch first; C = enc_dim, H = ctx_dim, K = n_steps, W = negatives window):
-    cache_conv1..5 (B, 1, C)    each conv layer's carry: its last input block's part of the next output
-    gru_h        (B, H)         GRU hidden state
-    pred_history (B, K, K, C)   ring: slot s mod K holds W_1..W_K c_s of frame s, for s = t-K .. t-1
-    z_history    (B, W, C)      ring: slot s mod W holds z_s, for s = t-W .. t-1
-    frame_index  (B,) int64     frames this stream has produced so far
+    cache_conv1    (B, 5)       the last 5 audio samples (conv1: kernel 10, stride 5)
+    cache_conv2..5 (B, 1, C)    each later conv layer's carry: its last input block's part of the next output
+    gru_h          (B, H)       GRU hidden state
+    ctx_history    (B, K, H)    c_{t-K} .. c_{t-1}, oldest first
+    z_history      (B, W, C)    ring: slot s mod W holds z_s (in score space), for s = t-W .. t-1
+    frame_index    (B,) int64   frames this stream has produced so far (t)
 "In score space" means unit-normalised when the score is cosine, unchanged otherwise, so that no stored
-vector is normalised twice. The history is kept as predictions rather than contexts so that each call
-multiplies only its own new c_t by the predictor matrix. Both histories are rings indexed by frame number
-(t = frame_index): a call writes only its F new slots instead of shifting the whole window, which at F=1
-would copy it twice per call.
+vector is normalised twice. Contexts rather than the predictions made from them are kept, so that the
+state is small (the graph copies its whole state into its outputs on every call): step j's predictor W_j
+is applied to the contexts j frames back, each weight still read once per call. z_history is a ring
+indexed by frame number: a call writes only its F new slots instead of shifting the whole window.
 
-Layout: channels last, and no im2col. Every kernel is twice its stride, so a layer's input folds into
-blocks of `stride` time steps (a free reshape) and output j is block j @ W_early + block j+1 @ W_late,
-W_early and W_late being the two halves of the kernel. Each call multiplies its own new blocks by both
-halves (reading each weight once) and keeps only the last block's W_early part, the carry, for the first
-output of the next call. Nothing is concatenated or copied in front of the products.
+Layout: conv1 gathers its windows of 10 samples from the cache and the new audio (its input is tiny).
+The later convs are channels last with no im2col: every kernel is twice its stride, so a layer's input
+folds into blocks of `stride` time steps (a free reshape) and output j is block j @ W_early + block j+1 @
+W_late, W_early and W_late being the two halves of the kernel. Each call multiplies its own new blocks by
+both halves (reading each weight once) and keeps only the last block's W_early part, the carry, for the
+first output of the next call. Nothing is concatenated or copied in front of those products.
 """
 
 from __future__ import annotations
@@ -68,10 +70,6 @@ class StreamingCPC(nn.Module):
         self.scale = model.score_scale
         # Cosine scores lie within +-scale: below 40, exp of every score and their sum fit in float32.
         self.bounded = self.cosine and self.scale <= 40
-        # Conv1d weight (out, in, kernel) -> (kernel * in, out), time-major like the blocks. Its first half
-        # acts on the earlier block of a window, its second on the later; side by side, (stride * in,
-        # 2 * out), one product gives both parts of every block. The bias goes with the later part, so
-        # each output gets it once.
         # conv1 sees raw samples: its windows are gathered from the last 5 samples and the new audio (an
         # im2col of 160 samples per frame is cheaper than carrying its (32, 2C) output halves).
         conv1 = model.encoder.convs[0]

@@ -346,7 +346,7 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     proto = onnx.load(str(int8))
     ops = [n.op_type for n in proto.graph.node]
     blockwise = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
-    # At F=10 convs 2-5 give >= 8 rows per call: row-wise uint8 x int8 integer GEMMs, each input row
+    # At F=10 convs 2-5 give >= 4 rows per call: row-wise uint8 x int8 integer GEMMs, each input row
     # quantised by one QuantizeLinear block. The GRU's input and hidden products and the K = 4 predictor
     # steps: block-wise 8-bit weights. conv1 (10 input rows) stays float.
     assert ops.count("MatMulInteger") == 4 and ops.count("QuantizeLinear") == 4
