@@ -33,6 +33,7 @@ STATE_NAMES = (
     "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
     "gru_h", "ctx_history", "z_history", "frame_index",
 )  # fmt: skip
+STATE_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
 WEIGHT_KINDS = ("fp32", "int8")
 OPTIONAL_KEYS = ("weights",)  # added after format 1 shipped; absent means fp32
@@ -171,9 +172,13 @@ class StreamingModel:
         missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise UserError(f"{p}: graph outputs lack {', '.join(sorted(missing))}")
-        self._dtypes = {
-            i.name: np.int64 if i.type == "tensor(int64)" else np.float32 for i in self.session.get_inputs()
-        }
+        self._dtypes = {}  # the state's dtypes are the graph's own
+        for i in self.session.get_inputs()[1:]:
+            if i.type not in STATE_DTYPES:
+                raise UserError(
+                    f"{p}: state input {i.name} has type {i.type}, not one of {', '.join(STATE_DTYPES)}"
+                )
+            self._dtypes[i.name] = STATE_DTYPES[i.type]
         self.providers = self.session.get_providers()
 
     def zero_state(self, batch: int) -> dict[str, np.ndarray]:

@@ -189,7 +189,7 @@ def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
         StreamingModel(tmp_path / "d.onnx")
 
 
-def _graph_with_other_state(path, state_names):
+def _graph_with_other_state(path, state_names, counter_dtype=np.int64):
     """A toy graph in the contract (F=1, C=H=2, K=1) whose state is "acc" (B, 2) float32, a running sum
     of the first two samples, and "counter" (B,) int64: another state than cpc-export writes, as a graph
     of an older or newer layout has. c = the new sum; scores = the counter before the call."""
@@ -198,9 +198,10 @@ def _graph_with_other_state(path, state_names):
 
     from cpc_stream.engine import ModelInfo
 
+    counter_type = helper.np_dtype_to_tensor_dtype(np.dtype(counter_dtype))
     const = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in [
         ("start", [0], np.int64), ("two", [2], np.int64), ("axis1", [1], np.int64), ("axes12", [1, 2], np.int64),
-        ("one", 1, np.int64), ("minus", -1.0, np.float32)]]  # fmt: skip
+        ("one", 1, counter_dtype), ("minus", -1.0, np.float32)]]  # fmt: skip
     nodes = [
         helper.make_node("Slice", ["audio", "start", "two", "axis1"], ["head"]),
         helper.make_node("Add", ["acc", "head"], ["new_acc"]),
@@ -214,9 +215,9 @@ def _graph_with_other_state(path, state_names):
     ]
     io = helper.make_tensor_value_info
     graph = helper.make_graph(nodes, "toy",
-        [io("audio", T.FLOAT, ["B", 160]), io("acc", T.FLOAT, ["B", 2]), io("counter", T.INT64, ["B"])],
+        [io("audio", T.FLOAT, ["B", 160]), io("acc", T.FLOAT, ["B", 2]), io("counter", counter_type, ["B"])],
         [io(n, T.FLOAT, None) for n in ("z", "c", "scores", "logprob")]
-        + [io("valid", T.BOOL, None), io("new_acc", T.FLOAT, None), io("new_counter", T.INT64, None)],
+        + [io("valid", T.BOOL, None), io("new_acc", T.FLOAT, None), io("new_counter", counter_type, None)],
         const)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     info = ModelInfo(
@@ -231,7 +232,8 @@ def _graph_with_other_state(path, state_names):
 def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
     """A graph whose state is not the one cpc-export writes today (older graphs hold pred_history) runs
     through StreamingModel and StreamBatch by the names, shapes and dtypes it declares; a graph whose
-    declared names do not match its inputs is refused with a one-line error."""
+    declared names do not match its inputs, or whose state has a dtype the runtime cannot hold, is refused
+    with a one-line error."""
     _graph_with_other_state(tmp_path / "toy.onnx", ("acc", "counter"))
     runtime = StreamingModel(tmp_path / "toy.onnx", providers="cpu")
     state = runtime.zero_state(2)
@@ -254,6 +256,9 @@ def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
         UserError, match=r"graph inputs \['audio', 'acc', 'counter'\] are not audio \+ counter, acc"
     ):
         StreamingModel(tmp_path / "bad.onnx")
+    _graph_with_other_state(tmp_path / "int32.onnx", ("acc", "counter"), np.int32)
+    with pytest.raises(UserError, match=r"state input counter has type tensor\(int32\)"):
+        StreamingModel(tmp_path / "int32.onnx")
 
 
 def test_metadata_describes_the_state(tmp_path, trained):
