@@ -28,7 +28,7 @@ FORMAT_KEY = "cpc_stream.format"
 FORMAT_NAME = "cpc-stream-onnx"
 FORMAT_VERSION = 1
 # The state cpc-export writes. A runtime takes a graph's own state names and shapes from its metadata
-# (graphs from before 2026-11-28 hold pred_history instead of ctx_history), so it needs neither.
+# (older graphs hold pred_history instead of ctx_history), so it needs neither.
 STATE_NAMES = (
     "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
     "gru_h", "ctx_history", "z_history", "frame_index",
