@@ -213,7 +213,7 @@ class StreamingModel:
 class StreamBatch:
     """The state of `batch` streams kept in two preallocated sets of buffers, bound to the session once
     (onnxruntime IOBinding): each call reads one set and writes the other. A call then copies only its
-    audio in and its outputs out, never the state (half a megabyte per stream for the paper's model),
+    audio in and its outputs out, never the state (0.28 MB per stream for the paper's model),
     and makes no Python-side allocations for it. `step` equals StreamingModel.step with the state
     threaded through."""
 

@@ -101,7 +101,7 @@ def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelPro
       per output column, and onnxruntime's integer GEMM (MatMulInteger), fast for several rows;
     - the rest (few-row products: the later convs at small F, the GRU, the predictor): MatMulNBits,
       symmetric 8-bit weights with one scale per block of INT8_BLOCK inputs, int8 compute.
-    conv1 (5 inputs per block) stays float32."""
+    conv1 (10 inputs per window, fewer than INT8_BLOCK) stays float32."""
     from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -211,8 +211,9 @@ class StreamingCPC(nn.Module):
         zs = self._space(z)  # (B, F, C)
 
         # Every aimed prediction against the ring's W earlier frames and this call's F frames.
-        s_old = z_ring @ ps.transpose(1, 2)  # (B, W, F*K)
-        s_new = (zs @ ps.transpose(1, 2)).unflatten(-1, (f, k))  # (B, F, F, K): [frame j, frame i, k]
+        ps_t = ps.transpose(1, 2)  # (B, C, F*K)
+        s_old = z_ring @ ps_t  # (B, W, F*K)
+        s_new = (zs @ ps_t).unflatten(-1, (f, k))  # (B, F, F, K): [frame j, frame i, k]
         pos = s_new[:, 0] if f == 1 else (s_new * self.same_frame).sum(1)  # (B, F, K)
         keep_old = self._window_of_ring(t)  # (B, F, W)
         if self.bounded:  # no exp can overflow: sum them directly, the ring's through its 0/1 window
