@@ -49,7 +49,7 @@ def main() -> None:
     # Correctness on the GPU: 50 calls of F=4 for 3 streams against the offline model.
     step = StreamingCPC(model, 4, 128).to(dev).eval()
     audio = torch.randn(3, 50 * 640, device=dev) * 0.1
-    state = [s.to(dev) for s in zero_state(model, 128, 3)]
+    state = [s.to(dev) for s in zero_state(model, 128, 4, 3)]
     cs = []
     for i in range(50):
         out = step(audio[:, i * 640 : (i + 1) * 640], *state)
@@ -65,7 +65,7 @@ def main() -> None:
         step = StreamingCPC(model, f, 128).to(dev).eval()
         for b in (int(x) for x in args.batches.split(",")):
             audio = torch.randn(b, f * 160, device=dev) * 0.1
-            state = [s.to(dev) for s in zero_state(model, 128, b)]
+            state = [s.to(dev) for s in zero_state(model, 128, f, b)]
 
             def eager(step=step, audio=audio, state=state):
                 step(audio, *state)

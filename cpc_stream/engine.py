@@ -28,15 +28,15 @@ FORMAT_KEY = "cpc_stream.format"
 FORMAT_NAME = "cpc-stream-onnx"
 FORMAT_VERSION = 1
 # The state cpc-export writes. A runtime takes a graph's own state names and shapes from its metadata
-# (older graphs hold pred_history instead of ctx_history), so it needs neither.
+# (older graphs hold ctx_history, or a smaller pred_history), so it needs neither.
 STATE_NAMES = (
     "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
-    "gru_h", "ctx_history", "z_history", "frame_index",
+    "gru_h", "pred_history", "z_history", "frame_index",
 )  # fmt: skip
 STATE_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
 OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
 WEIGHT_KINDS = ("fp32", "int8")
-OPTIONAL_KEYS = ("weights",)  # added after format 1 shipped; absent means fp32
+OPTIONAL_KEYS = ("weights", "inplace_state")  # added after format 1 shipped; absent means the default
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class ModelInfo:
     exported_by: str = ""
     weights: str = "fp32"  # or "int8": 8-bit matrix weights, outputs within the stated tolerance
     state_names: tuple[str, ...] = STATE_NAMES  # the graph's state inputs, in order
+    # States whose input only the node writing new_<name> reads, and which onnxruntime updates in place
+    # when new_<name> is bound to the input's own buffer (docs/onnx-contract.md)
+    inplace_state: tuple[str, ...] = ()
 
     def to_metadata(self) -> dict[str, str]:
         meta = {FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}"}
@@ -88,7 +91,7 @@ class ModelInfo:
                 if f.type.startswith("dict"):
                     kwargs[f.name] = json.loads(raw)
                 elif f.type.startswith("tuple"):
-                    kwargs[f.name] = tuple(raw.split(","))
+                    kwargs[f.name] = tuple(x for x in raw.split(",") if x)
                 else:
                     kwargs[f.name] = {"int": int, "float": float}.get(f.type, str)(raw)
             except ValueError:
@@ -102,6 +105,9 @@ class ModelInfo:
             raise UserError(
                 f"{source}: state names {','.join(names)} do not match the state shapes' {','.join(kwargs['state_shapes'])}"
             )
+        unknown = set(kwargs.get("inplace_state", ())) - set(names)
+        if unknown:
+            raise UserError(f"{source}: inplace_state names {','.join(sorted(unknown))}, not a state")
         return cls(**kwargs)
 
     @property
@@ -211,16 +217,19 @@ class StreamingModel:
 
 
 class StreamBatch:
-    """The state of `batch` streams kept in two preallocated sets of buffers, bound to the session once
-    (onnxruntime IOBinding): each call reads one set and writes the other. A call then copies only its
-    audio in and its outputs out, never the state (0.28 MB per stream for the paper's model),
-    and makes no Python-side allocations for it. `step` equals StreamingModel.step with the state
-    threaded through."""
+    """The state of `batch` streams kept in preallocated buffers, bound to the session once (onnxruntime
+    IOBinding). A call copies only its audio in and its outputs out, never the state, and makes no
+    Python-side allocations for it. The graph's in-place states (its rings, 0.58 MB per stream for the
+    paper's model at F=1) have one buffer, both input and output, so that a call writes only its new
+    slots; the rest of the state (a few KB) has two sets, each call reading one and writing the other.
+    `step` equals StreamingModel.step with the state threaded through."""
 
     def __init__(self, model: StreamingModel, batch: int):
         self.model, self.batch = model, batch
         self._audio = np.zeros((batch, model.info.samples_per_call), np.float32)
         self._sets = [model.zero_state(batch), model.zero_state(batch)]
+        for name in model.info.inplace_state:  # one buffer, read and written by every call
+            self._sets[1][name] = self._sets[0][name]
         self._outputs = model.info.zero_outputs(batch, model.info.frames_per_call)
         self._bindings = []
         for k in range(2):  # binding k reads set k and writes set 1 - k

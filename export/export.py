@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -29,7 +30,7 @@ from cpc_training.train import load_checkpoint, model_from_checkpoint
 
 import cpc_stream
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo, StreamingModel
+from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo, StreamBatch, StreamingModel
 from cpc_stream.errors import UserError, run_cli
 
 from .streaming import StreamingCPC, state_shapes, zero_state
@@ -93,6 +94,22 @@ def keep_layer_norm_unfused(proto: onnx.ModelProto) -> int:
     return changed
 
 
+def inplace_states(proto: onnx.ModelProto, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The states a runtime may update in place: those whose input is read by one node only, a ScatterND
+    that writes new_<name> (onnxruntime's ScatterND skips its copy when its output is its input's
+    buffer). Any other reader could run after the write and see the new values."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for i in set(node.input):
+            readers.setdefault(i, []).append(node)
+    return tuple(
+        n
+        for n in names
+        if [(r.op_type, r.input[0], r.output[0]) for r in readers.get(n, [])]
+        == [("ScatterND", n, f"new_{n}")]
+    )
+
+
 def quantize_int8(proto: onnx.ModelProto, frames_per_call: int) -> onnx.ModelProto:
     """8-bit weights for every MatMul with a constant weight of at least INT8_BLOCK input rows, with the
     onnxruntime kernel that is fastest for its shape (measured, docs/benchmarks.md):
@@ -153,7 +170,7 @@ def export_onnx(
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_KINDS)}")
     int8 = weights == "int8"
     step = StreamingCPC(model, frames_per_call, window, gru_as_matmuls=int8).eval()
-    example = (torch.zeros(2, frames_per_call * HOP), *zero_state(model, window, 2))
+    example = (torch.zeros(2, frames_per_call * HOP), *zero_state(model, window, frames_per_call, 2))
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = {"audio": {0: batch}, "state": tuple({0: batch} for _ in STATE_NAMES)}
     # The exporter narrates its passes and warns about GRU weight attributes it handles correctly.
@@ -183,11 +200,12 @@ def export_onnx(
         sample_rate=SAMPLE_RATE, hop=HOP, frames_per_call=frames_per_call,
         enc_dim=cfg.model.enc_dim, ctx_dim=cfg.model.ctx_dim, n_steps=cfg.model.n_steps, neg_window=window,
         score=cfg.model.score, temperature=cfg.model.temperature, norm=cfg.model.norm,
-        state_shapes=state_shapes(model, window), config_hash=cfg.model_hash(), train_step=train_step,
+        state_shapes=state_shapes(model, window, frames_per_call), config_hash=cfg.model_hash(), train_step=train_step,
         exported_by=f"cpc-stream {cpc_stream.__version__}, torch {torch.__version__}", weights=weights,
     )  # fmt: skip
     if int8:
         proto = quantize_int8(proto, frames_per_call)
+    info = dataclasses.replace(info, inplace_state=inplace_states(proto, STATE_NAMES))
     onnx.helper.set_model_props(proto, info.to_metadata())
     proto.doc_string = "Causal CPC streaming step; see docs/onnx-contract.md of cpc-stream"
     onnx.save(proto, str(path))
@@ -211,14 +229,15 @@ def check_streams(
 
 @torch.no_grad()
 def compare(path: Path, model: CPC, audio: np.ndarray) -> dict[str, float]:
-    """Run the graph hop by hop on each row of `audio` (state threaded through) and the model offline
-    on the whole rows; return the max abs difference of each output (NaN positions must agree)."""
+    """Run the graph hop by hop on each row of `audio` as the daemon does (StreamBatch: state bound once,
+    rings updated in place) and the model offline on the whole rows; return the max abs difference of
+    each output (NaN positions must agree)."""
     runtime = StreamingModel(path, providers="cpu", threads=1)
     n = runtime.info.samples_per_call
-    state = runtime.zero_state(audio.shape[0])
+    streams = StreamBatch(runtime, audio.shape[0])
     got: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
     for i in range(audio.shape[1] // n):
-        out, state = runtime.step(audio[:, i * n : (i + 1) * n], state)
+        out = streams.step(audio[:, i * n : (i + 1) * n])
         for k in OUTPUT_NAMES:
             got[k].append(out[k])
     stream = {k: np.concatenate(v, axis=1) for k, v in got.items()}

@@ -9,14 +9,20 @@ State (batch first; C = enc_dim, H = ctx_dim, K = n_steps, W = negatives window)
     cache_conv1    (B, 5)       the last 5 audio samples (conv1: kernel 10, stride 5)
     cache_conv2..5 (B, 1, C)    each later conv layer's carry: its last input block's part of the next output
     gru_h          (B, H)       GRU hidden state
-    ctx_history    (B, K, H)    c_{t-K} .. c_{t-1}, oldest first
-    z_history      (B, W, C)    ring: slot s mod W holds z_s (in score space), for s = t-W .. t-1
+    pred_history   (B, K+F, K, C) ring: slot s mod (K+F) holds the K predictions W_1 c_s .. W_K c_s
+                                (in score space), for s = t-K-F .. t-1
+    z_history      (B, W+F, C)  ring: slot s mod (W+F) holds z_s (in score space), for s = t-W-F .. t-1
     frame_index    (B,) int64   frames this stream has produced so far (t)
-"In score space" means unit-normalised when the score is cosine, unchanged otherwise, so that no stored
-vector is normalised twice. Contexts rather than the predictions made from them are kept, so that the
-state is small (the graph copies its whole state into its outputs on every call): step j's predictor W_j
-is applied to the contexts j frames back, each weight still read once per call. z_history is a ring
-indexed by frame number: a call writes only its F new slots instead of shifting the whole window.
+"In score space" means unit-normalised (and, for predictions, scaled by 1/temperature) when the score
+is cosine, unchanged otherwise, so that no stored vector is normalised twice.
+
+The rings are indexed by frame number: a call writes its F new slots (one ScatterND each) and reads the
+rest where it lies. Each call first writes, then reads the written ring: K + F and W + F slots hold
+every new frame's predictions (made from c_{t+i-K} .. c_{t+i-1}) and negatives window (z_{t+i-W} ..
+z_{t+i}) once the call's own frames are in. So the write is the only node that reads a ring input, and
+a runtime may bind new_pred_history and new_z_history to the input buffers themselves (metadata
+inplace_state): onnxruntime then writes the F new slots in place instead of copying both rings (0.5 MB
+per stream at F=1) on every call. All K predictions come from one product with the whole predictor.
 
 Layout: conv1 gathers its windows of 10 samples from the cache and the new audio (its input is tiny).
 The later convs are channels last with no im2col: every kernel is twice its stride, so a layer's input
@@ -36,17 +42,18 @@ from torch import nn
 from cpc_stream.engine import STATE_NAMES
 
 
-def state_shapes(model: CPC, window: int) -> dict[str, list[int | str]]:
+def state_shapes(model: CPC, window: int, frames: int) -> dict[str, list[int | str]]:
     """State shapes with "B" for the batch axis."""
     c, h, k = model.cfg.enc_dim, model.cfg.ctx_dim, model.cfg.n_steps
     shapes: dict[str, list[int | str]] = {"cache_conv1": ["B", KERNELS[0] - STRIDES[0]]}
     shapes.update({f"cache_conv{i + 1}": ["B", 1, c] for i in range(1, len(STRIDES))})
-    shapes.update(gru_h=["B", h], ctx_history=["B", k, h], z_history=["B", window, c], frame_index=["B"])
+    shapes.update(gru_h=["B", h], pred_history=["B", k + frames, k, c], z_history=["B", window + frames, c])
+    shapes.update(frame_index=["B"])
     return shapes
 
 
-def zero_state(model: CPC, window: int, batch: int) -> list[torch.Tensor]:
-    shapes = state_shapes(model, window)
+def zero_state(model: CPC, window: int, frames: int, batch: int) -> list[torch.Tensor]:
+    shapes = state_shapes(model, window, frames)
     return [
         torch.zeros(
             [batch if d == "B" else d for d in shapes[n]],
@@ -105,14 +112,9 @@ class StreamingCPC(nn.Module):
         if gru_as_matmuls:  # stored transposed, so that every frame's product reads the same constant
             self.gru_w_ih = nn.Parameter(model.gru.weight_ih_l0.detach().t().contiguous())  # (C, 3H)
             self.gru_w_hh = nn.Parameter(model.gru.weight_hh_l0.detach().t().contiguous())  # (H, 3H)
-        # Predictor (K*C, H): W_k as its own (H, C) constant per step, applied to the context k frames
-        # back (kept in ctx_history), so that each weight is read once per call whatever F is.
-        w = model.predictor.weight.detach().t().unflatten(1, (cfg.n_steps, cfg.enc_dim))  # (H, K, C)
-        self.pred_w = nn.ParameterList(nn.Parameter(w[:, k].contiguous()) for k in range(cfg.n_steps))
-        # Of this call's own frames, frame i's negatives window holds frames j = 0..i (at most W back).
-        j, i = torch.arange(frames_per_call).unsqueeze(1), torch.arange(frames_per_call)
-        keep_new = ((j <= i) & (i - j <= window)).float().unsqueeze(-1)  # (F, F, 1): [frame j, frame i]
-        self.register_buffer("keep_new", keep_new, persistent=False)
+        # Predictor (K*C, H), stored transposed: c (B, F, H) @ pred_w gives every W_k c at once.
+        self.pred_w = nn.Parameter(model.predictor.weight.detach().t().contiguous())  # (H, K*C)
+        self.register_buffer("steps", torch.arange(cfg.n_steps), persistent=False)
         self.register_buffer("same_frame", torch.eye(frames_per_call).unsqueeze(-1), persistent=False)
         # valid[i, j - 1] = (t + i - j >= 0): no context j frames back before the stream began
         i, j = torch.arange(frames_per_call).unsqueeze(1), torch.arange(1, cfg.n_steps + 1)
@@ -167,30 +169,31 @@ class StreamingCPC(nn.Module):
         return x / (norm / scale) if scale != 1.0 else x / norm
 
     def _window_of_ring(self, t: torch.Tensor) -> torch.Tensor:
-        """Which ring slots are in each new frame's negatives window: (B, F, W) bool, for t (B,) frames
-        seen. Slot m holds the frame `age` frames before t; new frame i keeps ages <= W - i (its window)
-        that are also <= t (on or after the stream's start)."""
+        """Which slots of the written ring are in each new frame's negatives window: (B, F, N) bool, for
+        t (B,) frames seen before the call. Slot m holds the frame `back` = (t+F-1-m) mod N frames before
+        the call's last; new frame i keeps F-1-i <= back <= F-1-i + W (itself and W frames before it)
+        that is also on or after the stream's start (back <= t+F-1)."""
         f, w, dev = self.frames, self.window, t.device
-        slots = torch.arange(w, device=dev)
-        if f == 1:  # ages <= min(t, W) are exactly the slots written so far: m < t
-            return (slots < t.unsqueeze(1)).unsqueeze(1)
-        age = w - torch.remainder(slots - t.unsqueeze(1), w)  # (B, W) in 1..W
-        limit = torch.minimum(t.unsqueeze(1), w - torch.arange(f, device=dev))  # (B, F)
-        return age.unsqueeze(1) <= limit.unsqueeze(2)
+        n = w + f
+        slots = torch.arange(n, device=dev)
+        if f == 1:  # the ring holds exactly one window: keep the slots written so far, m <= t
+            return (slots <= t.unsqueeze(1)).unsqueeze(1)
+        back = torch.remainder(t.unsqueeze(1) + (f - 1) - slots, n).unsqueeze(1)  # (B, 1, N)
+        lo = torch.arange(f - 1, -1, -1, device=dev).unsqueeze(1)  # (F, 1): F-1-i
+        hi = torch.minimum(lo + w, t.view(-1, 1, 1) + (f - 1))  # (B, F, 1)
+        return (back >= lo) & (back <= hi)
 
     def _ring_write(self, ring: torch.Tensor, new: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ring (B, N, ...) holding frame s in slot s mod N; write new (B, F, ...) for frames t..t+F-1
-        (only the last N of them when F > N) and return the new ring."""
-        n, f = ring.shape[1], new.shape[1]
-        first = max(0, f - n)
-        slots = torch.remainder(t.unsqueeze(1) + torch.arange(first, f, device=t.device), n)  # (B, F')
+        """ring (B, N, ...) holding frame s in slot s mod N (N > F); write new (B, F, ...) for frames
+        t..t+F-1 and return the new ring."""
+        slots = torch.remainder(t.unsqueeze(1) + torch.arange(new.shape[1], device=t.device), ring.shape[1])
         rows = torch.arange(ring.shape[0], device=t.device).unsqueeze(1).expand_as(slots)
-        return torch.index_put(ring, (rows, slots), new[:, first:])
+        return torch.index_put(ring, (rows, slots), new)  # (B, F) slots
 
     def forward(self, audio: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """audio (B, F*160) float32 and the state in STATE_NAMES order ->
         z (B, F, C), c (B, F, H), scores (B, F, K), logprob (B, F, K), valid (B, F, K) bool, new state."""
-        caches, gru_h, ctx_history, z_ring, t = list(state[:5]), state[5], state[6], state[7], state[8]
+        caches, gru_h, pred_ring, z_ring, t = list(state[:5]), state[5], state[6], state[7], state[8]
         f, k = self.frames, self.k
         z, new_caches = self._encode(audio, caches)
         if self.gru_as_matmuls:
@@ -199,39 +202,32 @@ class StreamingCPC(nn.Module):
             c, h = self.gru(z, gru_h.unsqueeze(0))
             h = h.squeeze(0)
 
-        # contexts[:, q] = c_{t-K+q}; new frame i's step-j prediction is W_j applied to c_{t+i-j}, so step j
-        # multiplies the F contexts starting j frames back: windows[K - j].
-        contexts = torch.cat([ctx_history, c], dim=1)  # (B, K + F, H)
-        if f == 1:  # the windows are the history's rows: one Split instead of K slices
-            windows = ctx_history.split(1, dim=1)
-        else:
-            windows = [contexts[:, m : m + f] for m in range(k)]
-        p = torch.cat([windows[k - j] @ self.pred_w[j - 1] for j in range(1, k + 1)], dim=-1)  # (B, F, K*C)
-        ps = self._space(p.unflatten(-1, (k, -1)), self.scale).flatten(1, 2)  # (B, F*K, C), scaled
+        # This call's contexts make all K predictions each. Both rings are written before they are read
+        # (the module docstring says why).
+        preds = self._space((c @ self.pred_w).unflatten(-1, (k, -1)), self.scale)  # (B, F, K, C), scaled
         zs = self._space(z)  # (B, F, C)
-
-        # Every aimed prediction against the ring's W earlier frames and this call's F frames.
-        ps_t = ps.transpose(1, 2)  # (B, C, F*K)
-        s_old = z_ring @ ps_t  # (B, W, F*K)
-        s_new = (zs @ ps_t).unflatten(-1, (f, k))  # (B, F, F, K): [frame j, frame i, k]
-        pos = s_new[:, 0] if f == 1 else (s_new * self.same_frame).sum(1)  # (B, F, K)
-        keep_old = self._window_of_ring(t)  # (B, F, W)
-        if self.bounded:  # no exp can overflow: sum them directly, the ring's through its 0/1 window
-            total_old = keep_old.to(s_old.dtype) @ torch.exp(s_old)  # (B, F, F*K): [frame i, frame i', k]
+        pred_ring = self._ring_write(pred_ring, preds, t)  # (B, K + F, K, C)
+        z_ring = self._ring_write(z_ring, zs, t)  # (B, W + F, C)
+        # Frame t+i's step-j prediction was made from c_{t+i-j}: slot (t+i-j) mod (K+F), row j - 1.
+        src = torch.remainder(t.view(-1, 1, 1) + self.frame_minus_step, k + f)  # (B, F, K)
+        rows = torch.arange(src.shape[0], device=src.device).view(-1, 1, 1).expand_as(src)
+        ps = pred_ring[rows, src, self.steps]  # (B, F, K, C)
+        pos = (ps * zs.unsqueeze(2)).sum(-1)  # (B, F, K): z_{t+i} . its step-k prediction
+        s_ring = z_ring @ ps.flatten(1, 2).transpose(1, 2)  # (B, W + F, F*K): every slot, every prediction
+        keep = self._window_of_ring(t)  # (B, F, W + F)
+        if self.bounded:  # no exp can overflow: sum them directly, through the 0/1 window
+            total = keep.to(s_ring.dtype) @ torch.exp(s_ring)  # (B, F, F*K): [frame i, frame i', k]
             if f > 1:  # frame i's sum over its own predictions only
-                total_old = (total_old.unflatten(-1, (f, k)) * self.same_frame).sum(2)
-            e_new = torch.exp(s_new)
-            total_new = e_new[:, 0] if f == 1 else (e_new * self.keep_new).sum(1)
-            logprob = pos - torch.log(total_old + total_new)  # (B, F, K)
-        else:  # unbounded scores: logsumexp, with the frames outside each window at -inf
-            s_old = s_old.unflatten(-1, (f, k)).masked_fill(
-                ~keep_old.transpose(1, 2).unsqueeze(-1), float("-inf")
-            )
-            s_new = s_new.masked_fill(self.keep_new == 0, float("-inf"))
-            logprob = pos - torch.logsumexp(torch.cat([s_old, s_new], dim=1), dim=1)  # (B, F, K)
+                total = (total.unflatten(-1, (f, k)) * self.same_frame).sum(2)
+            logprob = pos - torch.log(total)  # (B, F, K)
+        else:  # unbounded scores: logsumexp, with the slots outside each window at -inf
+            s_ring = s_ring.unflatten(-1, (f, k)).masked_fill(
+                ~keep.transpose(1, 2).unsqueeze(-1), float("-inf")
+            )  # (B, W + F, F, K)
+            logprob = pos - torch.logsumexp(s_ring, dim=1)  # (B, F, K)
         valid = (t.view(-1, 1, 1) + self.frame_minus_step) >= 0  # (B, F, K)
         nan = float("nan")
         return (
             z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid,
-            *new_caches, h, contexts[:, f:], self._ring_write(z_ring, zs, t), t + f,
+            *new_caches, h, pred_ring, z_ring, t + f,
         )  # fmt: skip

@@ -16,7 +16,7 @@ from cpc_training.model import CPC
 from onnx import helper
 
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import Stream, StreamBatch, StreamingModel
+from cpc_stream.engine import STATE_NAMES, Stream, StreamBatch, StreamingModel
 from cpc_stream.errors import UserError
 
 
@@ -128,6 +128,28 @@ def test_stream_batch_equals_step_with_the_state_threaded_through(small_onnx):
         batch.step(audio[:2, :n])
 
 
+def test_rings_are_written_in_place_and_read_only_by_their_write(small_onnx):
+    """cpc-export declares both rings in place, because in its graph each ring input is read only by the
+    ScatterND writing its new slots; StreamBatch then binds one buffer as input and output, so a call
+    writes into it instead of copying the ring (equality with StreamingModel.step, which never aliases,
+    is test_stream_batch_equals_step_with_the_state_threaded_through). A graph in which another node
+    reads a ring before or after the write is not declared in place."""
+    path, _ = small_onnx
+    runtime = StreamingModel(path, providers="cpu")
+    assert runtime.info.inplace_state == ("pred_history", "z_history")
+    proto = onnx.load(str(path))
+    assert export_mod.inplace_states(proto, STATE_NAMES) == ("pred_history", "z_history")
+    proto.graph.node.append(helper.make_node("Identity", ["z_history"], ["peek"]))
+    assert export_mod.inplace_states(proto, STATE_NAMES) == ("pred_history",)
+
+    batch = StreamBatch(runtime, 2)
+    ring, gru_h = batch.state["z_history"], batch.state["gru_h"]
+    audio = np.random.default_rng(0).standard_normal((2, runtime.info.samples_per_call)).astype(np.float32)
+    batch.step(audio)
+    assert batch.state["z_history"] is ring and np.abs(ring).sum() > 0  # written where it lies
+    assert batch.state["gru_h"] is not gru_h  # the small state alternates between two sets
+
+
 def test_gru_node_computes_torch_gru(tmp_path, trained):
     """The exported GRU keeps linear_before_reset=1 (pytorch#189225), and the node alone equals nn.GRU."""
     model, cfg, _ = trained
@@ -189,7 +211,7 @@ def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
         StreamingModel(tmp_path / "d.onnx")
 
 
-def _graph_with_other_state(path, state_names, counter_dtype=np.int64):
+def _graph_with_other_state(path, state_names, counter_dtype=np.int64, inplace=()):
     """A toy graph in the contract (F=1, C=H=2, K=1) whose state is "acc" (B, 2) float32, a running sum
     of the first two samples, and "counter" (B,) int64: another state than cpc-export writes, as a graph
     of an older or newer layout has. c = the new sum; scores = the counter before the call."""
@@ -223,7 +245,7 @@ def _graph_with_other_state(path, state_names, counter_dtype=np.int64):
     info = ModelInfo(
         sample_rate=16000, hop=160, frames_per_call=1, enc_dim=2, ctx_dim=2, n_steps=1, neg_window=4,
         score="cosine", temperature=0.1, norm="channel", state_shapes={"acc": ["B", 2], "counter": ["B"]},
-        state_names=state_names,
+        state_names=state_names, inplace_state=inplace,
     )  # fmt: skip
     helper.set_model_props(model, info.to_metadata())
     onnx.save(model, str(path))
@@ -259,6 +281,9 @@ def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
     _graph_with_other_state(tmp_path / "int32.onnx", ("acc", "counter"), np.int32)
     with pytest.raises(UserError, match=r"state input counter has type tensor\(int32\)"):
         StreamingModel(tmp_path / "int32.onnx")
+    _graph_with_other_state(tmp_path / "inplace.onnx", ("acc", "counter"), inplace=("ring",))
+    with pytest.raises(UserError, match=r"inplace_state names ring, not a state"):
+        StreamingModel(tmp_path / "inplace.onnx")
 
 
 def test_metadata_describes_the_state(tmp_path, trained):
@@ -267,7 +292,11 @@ def test_metadata_describes_the_state(tmp_path, trained):
     info = StreamingModel(tmp_path / "m.onnx").info
     assert (info.frames_per_call, info.neg_window, info.n_steps, info.ctx_dim) == (2, 8, 5, 32)
     assert info.config_hash == cfg.model_hash() and info.train_step == 15
-    assert info.state_shapes["ctx_history"] == ["B", 5, 32] and info.state_shapes["z_history"] == ["B", 8, 64]
+    assert info.state_shapes["pred_history"] == ["B", 7, 5, 64] and info.state_shapes["z_history"] == [
+        "B",
+        10,
+        64,
+    ]
     state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
     assert state["cache_conv1"].shape == (3, 5) and state["cache_conv2"].shape == (3, 1, 64)
     assert state["frame_index"].dtype == np.int64 and list(state) == list(info.state_names)
@@ -325,7 +354,7 @@ def test_gru_spelt_out_as_matmuls_equals_the_gru(trained):
 
     model, _, _ = trained
     audio = torch.from_numpy(check_streams(model, UTT_1089, 3, 4 * 160)[:, : 4 * 160])
-    state = zero_state(model, 8, 3)
+    state = zero_state(model, 8, 4, 3)
     state[5] = torch.randn(3, 32) * 0.5  # a hidden state mid-stream
     with torch.no_grad():
         ref = StreamingCPC(model, 4, 8)(audio, *state)
@@ -355,10 +384,10 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     # quantised by one QuantizeLinear block. The GRU's input and hidden products and the K = 4 predictor
     # steps: block-wise 8-bit weights. conv1 (10 input rows) stays float.
     assert ops.count("MatMulInteger") == 4 and ops.count("QuantizeLinear") == 4
-    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", *(f"pred_w.{k}_Q8" for k in range(4))}
-    # Float products left: conv1, the scores against z_history and against this call's z, and the sum
-    # of the exponentiated scores over each frame's window.
-    assert "GRU" not in ops and ops.count("MatMul") == 4
+    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
+    # Float products left: conv1, the scores against the z ring, and the sum of the exponentiated
+    # scores over each frame's window.
+    assert "GRU" not in ops and ops.count("MatMul") == 3
     assert StreamingModel(int8).info.weights == "int8" and StreamingModel(fp32).info.weights == "fp32"
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
