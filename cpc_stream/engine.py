@@ -246,7 +246,8 @@ class StreamBatch:
     @property
     def state(self) -> dict[str, np.ndarray]:
         """The current state, as arrays owned by the batch: they may be read or written in place (that
-        is how rows are reset), and are overwritten by the call after next."""
+        is how rows are reset). The next call updates the in-place states (the rings) where they lie;
+        the call after next overwrites the rest."""
         return self._sets[self._current]
 
     def reset(self, rows: Sequence[int]) -> None:
