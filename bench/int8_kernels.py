@@ -12,11 +12,11 @@ alone keeps its weights in the core's 2 MB L2 from call to call, which the whole
 weights) never does; with --copies 8 each product is timed as 8 copies called in turn, so that every
 call reads its weights from L3 as in the graph.
 
-"predictor step" is one W_k (the graph applies each of the K = 12 to its own context c_{t-k}); "all 12
-steps" is the same weights as one product, for comparison (what a graph keeping predictions instead of
-contexts runs).
+"all 12 steps" is the predictor, all K = 12 W_k in one product (what the graph runs: it keeps the
+predictions in a ring); "predictor step" is one W_k alone, for comparison (the third session's graph
+applied each W_k to its own context c_{t-k}, 12 such products).
 
-Then all 18 products of a one-frame call in one graph, quantised by cpc-export's own rule
+Then all 7 products of a one-frame call in one graph, quantised by cpc-export's own rule
 (quantize_int8), float32 and int8: what a one-frame call costs for its products alone, with every weight
 read from beyond the core's caches as in the real graph, against the compute floor of
 bench/stream_step.py measured in the same process.
@@ -36,7 +36,7 @@ from cpc_export.export import INT8_BLOCK, quantize_int8, rowwise_uint8_matmul
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-from stream_step import matmul_rate  # same folder: the floor, measured the same way
+from stream_step import Floor  # same folder: the floor, measured the same way
 
 SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1; each conv's two kernel halves side by side
     "conv2": (8, 2048, 1024),
@@ -52,7 +52,7 @@ SHAPES = {  # name: (rows, inputs, outputs) per call at F=1, B=1; each conv's tw
 CALL = {  # the products of one F=1 call, under the initializer names quantize_int8 decides by
     "conv_w.0": "conv2", "conv_w.1": "conv3", "conv_w.2": "conv4", "conv_w.3": "conv5",
     "gru_w_ih": "gru input", "gru_w_hh": "gru hidden",
-    **{f"pred_w.{k}": "predictor step" for k in range(12)},  # W_k, each on its own context c_{t-k}
+    "pred_w": "all 12 steps",
 }  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def call_model(rng: np.random.Generator) -> onnx.ModelProto:
 
 def time_us(runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]], calls: int) -> float:
     """Median microseconds per call, best of 3 rounds, calling the sessions in turn; inputs and outputs
-    bound once (IOBinding), as the streaming graph runs in the daemon, so that feeding 18 inputs does not
+    bound once (IOBinding), as the streaming graph runs in the daemon, so that feeding the inputs does not
     count as compute."""
     bound = []
     for sess, feeds in runs:
@@ -165,7 +165,7 @@ def main() -> None:
             cells.append(f"{us:8.1f} ({base / us:4.1f}x, {err:.0e})")
         print(f"{label:>14} {f'{rows} x {k} x {n}':>16} " + " ".join(f"{c:>26}" for c in cells), flush=True)
 
-    rate = matmul_rate(1)
+    rate = Floor(1).rate(30)
     call = call_model(rng)
     macs = sum(np.prod(SHAPES[label]) for label in CALL.values())
     feeds = {
