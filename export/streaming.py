@@ -17,11 +17,11 @@ State (batch first; C = enc_dim, H = ctx_dim, K = n_steps, W = negatives window)
 is cosine, unchanged otherwise, so that no stored vector is normalised twice.
 
 The rings are indexed by frame number: a call writes its F new slots (one ScatterND each) and reads the
-rest where it lies. Each call first writes, then reads the written ring: K + F and W + F slots hold
+rings where they lie. Each call first writes, then reads the written rings: K + F and W + F slots hold
 every new frame's predictions (made from c_{t+i-K} .. c_{t+i-1}) and negatives window (z_{t+i-W} ..
 z_{t+i}) once the call's own frames are in. So the write is the only node that reads a ring input, and
 a runtime may bind new_pred_history and new_z_history to the input buffers themselves (metadata
-inplace_state): onnxruntime then writes the F new slots in place instead of copying both rings (0.5 MB
+inplace_state): onnxruntime then writes the F new slots in place instead of copying both rings (0.58 MB
 per stream at F=1) on every call. All K predictions come from one product with the whole predictor.
 
 Layout: conv1 gathers its windows of 10 samples from the cache and the new audio (its input is tiny).
@@ -43,7 +43,7 @@ from cpc_stream.engine import STATE_NAMES
 
 
 def state_shapes(model: CPC, window: int, frames: int) -> dict[str, list[int | str]]:
-    """State shapes with "B" for the batch axis."""
+    """State shapes with "B" for the batch axis, for `frames` (F) hops per call."""
     c, h, k = model.cfg.enc_dim, model.cfg.ctx_dim, model.cfg.n_steps
     shapes: dict[str, list[int | str]] = {"cache_conv1": ["B", KERNELS[0] - STRIDES[0]]}
     shapes.update({f"cache_conv{i + 1}": ["B", 1, c] for i in range(1, len(STRIDES))})
