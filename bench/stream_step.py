@@ -35,10 +35,10 @@ class Floor:
 
     def __init__(self, threads: int, n: int = 1024):
         graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
-    )  # fmt: skip
+            [helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+        )  # fmt: skip
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(

@@ -292,11 +292,8 @@ def test_metadata_describes_the_state(tmp_path, trained):
     info = StreamingModel(tmp_path / "m.onnx").info
     assert (info.frames_per_call, info.neg_window, info.n_steps, info.ctx_dim) == (2, 8, 5, 32)
     assert info.config_hash == cfg.model_hash() and info.train_step == 15
-    assert info.state_shapes["pred_history"] == ["B", 7, 5, 64] and info.state_shapes["z_history"] == [
-        "B",
-        10,
-        64,
-    ]
+    assert info.state_shapes["pred_history"] == ["B", 7, 5, 64]  # K + F slots of K predictions
+    assert info.state_shapes["z_history"] == ["B", 10, 64]  # W + F slots
     state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
     assert state["cache_conv1"].shape == (3, 5) and state["cache_conv2"].shape == (3, 1, 64)
     assert state["frame_index"].dtype == np.int64 and list(state) == list(info.state_names)
@@ -381,8 +378,8 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     ops = [n.op_type for n in proto.graph.node]
     blockwise = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
     # At F=10 convs 2-5 give >= 4 rows per call: row-wise uint8 x int8 integer GEMMs, each input row
-    # quantised by one QuantizeLinear block. The GRU's input and hidden products and the K = 4 predictor
-    # steps: block-wise 8-bit weights. conv1 (10 input rows) stays float.
+    # quantised by one QuantizeLinear block. The GRU's input and hidden products and the predictor (all
+    # K = 4 steps in one product): block-wise 8-bit weights. conv1 (10 input rows) stays float.
     assert ops.count("MatMulInteger") == 4 and ops.count("QuantizeLinear") == 4
     assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
     # Float products left: conv1, the scores against the z ring, and the sum of the exponentiated
