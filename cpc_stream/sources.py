@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
 
-from .audio import to_mono
+from .audio import Resampler, open_audio
 from .errors import UserError
 
 RATE = 16000
@@ -104,21 +102,6 @@ class SourceBuffer:
         self.wakeup.set()
 
 
-class Resampler:
-    """Mono mix and streaming resampling to 16 kHz (soxr.ResampleStream); a no-op at 16 kHz."""
-
-    def __init__(self, rate: int):
-        self.stream = (
-            None if rate == RATE else soxr.ResampleStream(rate, RATE, 1, dtype="float32", quality="HQ")
-        )
-
-    def __call__(self, block: np.ndarray, last: bool = False) -> np.ndarray:
-        x = to_mono(block)
-        if self.stream is None:
-            return x
-        return self.stream.resample_chunk(x, last=last)
-
-
 class Source:
     """Base: a named thread that fills self.buffer until it ends or stop() is called."""
 
@@ -162,16 +145,12 @@ class FileSource(Source):
         self, name: str, path: str | Path, realtime: bool = False, block_seconds: float | None = None
     ):
         super().__init__(name)
-        try:
-            self.file = sf.SoundFile(str(path))
-        except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            reason = "no such file" if not Path(path).exists() else str(e).splitlines()[0]
-            raise UserError(f"cannot read audio file {path}: {reason}") from None
+        self.file = open_audio(path)
         self.live = realtime
         # Paced: 10 ms blocks, like a microphone's; otherwise large blocks for throughput.
         block_seconds = block_seconds or (0.01 if realtime else 0.25)
         self.block = max(1, int(self.file.samplerate * block_seconds))
-        self.resample = Resampler(self.file.samplerate)
+        self.resample = Resampler(self.file.samplerate, RATE)
 
     def run(self) -> str:
         start, done = time.monotonic(), 0
@@ -207,7 +186,7 @@ class StdinSource(Source):
         self.dtype, self.channels = np.dtype(STDIN_FORMATS[fmt]), channels
         self.frame_bytes = self.dtype.itemsize * channels
         self.block_bytes = max(1, int(rate * block_seconds)) * self.frame_bytes
-        self.resample = Resampler(rate)
+        self.resample = Resampler(rate, RATE)
         self.stream = stream or sys.stdin.buffer
 
     def _to_float(self, raw: bytes) -> np.ndarray:
@@ -269,7 +248,7 @@ class MicSource(Source):
         self.device = info["index"] if isinstance(info, dict) and "index" in info else dev
         self.rate = int(info["default_samplerate"])
         self.channels = max(1, min(int(info["max_input_channels"]), 2))
-        self.resample = Resampler(self.rate)
+        self.resample = Resampler(self.rate, RATE)
         self.raw: collections.deque = collections.deque()
         self.max_raw_blocks = max(4, int(queue_seconds * 100))  # blocks of ~10 ms
         self.device_name = info["name"]

@@ -41,3 +41,16 @@ def small_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "small.onnx"
     export_onnx(model, cfg, 0, path, 4, 16)
     return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A cpc-train checkpoint of a tiny model after 2 real training steps (32/16 dims, K=3)."""
+    from cpc_training import config, train
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = config.load(None, [f"data.root={MINI}", "model.enc_dim=32", "model.ctx_dim=16", "model.n_steps=3",
+                             "data.window=3200", "data.workers=0", "negatives.count=8", "train.max_steps=2",
+                             f"train.out_dir={out}", "train.threads=1"])  # fmt: skip
+    train.train(cfg, quiet=True)
+    return out / "checkpoint.pt"
