@@ -64,7 +64,7 @@ def run_daemon(model: Path, audio: Path, port: int, realtime: bool) -> tuple[lis
 
 
 def bare_loop(model: Path, audio: Path) -> float:
-    m = StreamingModel(model, providers="cpu", threads=1)
+    m = StreamingModel(model, providers="cpu", threads=1, huge_pages=True)
     wav = sf.read(str(audio), dtype="float32")[0]
     n = m.info.samples_per_call
     state = m.zero_state(1)

@@ -138,7 +138,7 @@ def main() -> None:
         f"{'weights':>7} {'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7} {'floor GFLOP/s':>13}"
     )
     for path in paths:
-        m = StreamingModel(path, providers="cpu", threads=args.threads)
+        m = StreamingModel(path, providers="cpu", threads=args.threads, huge_pages=True)
         f = m.info.frames_per_call
         for b in (int(x) for x in args.batches.split(",")):
             for paced in (False, True):

@@ -5,8 +5,11 @@
     ffmpeg -i talk.mp3 -f s16le -ac 1 -ar 16000 - | cpc-stream --stdin
     cpc-stream --list-devices
 
-Settings come from the `stream:` section of config.yaml; `--set stream.key=value` and the flags override
-them. SIGINT/SIGTERM stop capture, process what was captured, publish end of stream and exit 0.
+Settings come from the `stream:` section of config.yaml; `stream.key=value` arguments (or `--set
+stream.key=value`) and the flags override them. SIGINT/SIGTERM stop capture, process what was captured,
+publish end of stream and exit (a source that does not stop within 5 s has its stream ended for it; a
+second signal ends every stream at once). The daemon exits by itself once every source has ended (files,
+stdin). Exit status: 0, 1 if a stream ended with an error, 2 if it could not start.
 The wire format is docs/protocol.md.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +25,7 @@ from pathlib import Path
 from . import config as config_mod
 from .daemon import Daemon
 from .engine import StreamingModel
-from .errors import UserError, run_cli
+from .errors import UserError, run_cli, setup_logging
 from .sources import RATE, STDIN_FORMATS, FileSource, MicSource, StdinSource, list_devices
 
 
@@ -42,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--list-devices", action="store_true", help="list capture devices and exit")
     p.add_argument("--config", default=None, help="YAML config (default: ./config.yaml if present)")
+    p.add_argument("overrides", nargs="*", metavar="stream.key=value", help="override a setting")
     p.add_argument(
-        "--set", action="append", default=[], metavar="stream.key=value", help="override a setting"
+        "--set", action="append", default=[], metavar="stream.key=value", help="the same, as an option"
     )
     p.add_argument("--model", help="exported graph (stream.model)")
     p.add_argument("--bind", help="ZeroMQ endpoint to publish on (stream.bind)")
@@ -52,8 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wait-subscribers", type=int, default=0, metavar="N",
                    help="start the sources only once N subscribers are connected (no frame is lost to a slow joiner)")  # fmt: skip
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a bind other machines can reach without CURVE (stream.insecure)")  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
+
+
+def file_stream_name(path: str, index: int, count: int) -> str:
+    """A file's stream name: its stem (`<stem>-<index>` when there are several files), as UTF-8 text
+    whatever bytes the file system gave (undecodable bytes become U+FFFD)."""
+    stem = os.fsencode(Path(path).stem).decode("utf-8", "replace") or f"file{index}"
+    return stem if count == 1 else f"{stem}-{index}"
 
 
 def sources_from_args(args: argparse.Namespace, queue_seconds: float) -> list:
@@ -61,8 +76,7 @@ def sources_from_args(args: argparse.Namespace, queue_seconds: float) -> list:
     if args.mic:
         sources.append(MicSource("mic", None if args.mic == "default" else args.mic, queue_seconds))
     for n, path in enumerate(args.file):
-        name = Path(path).stem if len(args.file) == 1 else f"{Path(path).stem}-{n}"
-        sources.append(FileSource(name, path, realtime=args.realtime))
+        sources.append(FileSource(file_stream_name(path, n, len(args.file)), path, realtime=args.realtime))
     if args.stdin:
         sources.append(StdinSource("stdin", args.stdin_format, args.stdin_rate, args.stdin_channels))
     if not sources:
@@ -72,8 +86,8 @@ def sources_from_args(args: argparse.Namespace, queue_seconds: float) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="cpc-stream: %(message)s"
+    setup_logging(
+        "cpc-stream", logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     )
 
     def body() -> int:
@@ -81,29 +95,35 @@ def main(argv: list[str] | None = None) -> int:
             print(list_devices())
             return 0
         path = args.config or ("config.yaml" if Path("config.yaml").is_file() else None)
-        overrides = list(args.set)
-        for flag, key in (("model", "model"), ("bind", "bind"), ("publish_z", "publish_z")):
-            if getattr(args, flag) is not None:
-                overrides.append(
-                    f"stream.{key}={str(getattr(args, flag)).lower() if flag == 'publish_z' else getattr(args, flag)}"
-                )
+        overrides = [*args.overrides, *args.set]
+        for flag in ("model", "bind", "publish_z", "insecure"):
+            value = getattr(args, flag)
+            if value is not None:
+                overrides.append(f"stream.{flag}={str(value).lower() if isinstance(value, bool) else value}")
         cfg = config_mod.load(path, overrides).stream
-        model = StreamingModel(cfg.model, providers=cfg.providers, threads=cfg.threads)
+        model = StreamingModel(cfg.model, providers=cfg.providers, threads=cfg.threads, huge_pages=True)
         sources = sources_from_args(args, cfg.queue_seconds)
         daemon = Daemon(cfg, model, sources, wait_subscribers=args.wait_subscribers)
-        signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-        signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
-        print(f"cpc-stream: publishing {', '.join(s.name for s in sources)} on {cfg.bind} "
+        signals = []
+
+        def on_signal(*_) -> None:  # the first drains and ends cleanly; a second ends every stream now
+            signals.append(1)
+            daemon.stop(now=len(signals) > 1)
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        print(f"cpc-stream: publishing {', '.join(r.name for r in daemon.rows)} on {daemon.publisher.endpoint} "
               f"({model.info.frames_per_call} frames per call, {model.providers[0]})", file=sys.stderr, flush=True)  # fmt: skip
         try:
-            daemon.run()
+            status = daemon.run()
         finally:
             daemon.close()
-        for s in daemon.streams:
-            dropped = s.source.stats.dropped_samples / RATE
-            print(f"cpc-stream: {s.source.name}: {s.frames} frames, ended: {s.buffer.ended}"
-                  + (f", dropped {dropped:.2f} s of input" if dropped else ""), file=sys.stderr)  # fmt: skip
-        return 0
+        for r in daemon.rows:
+            s = r.source.stats
+            extra = f", dropped {s.dropped_samples / RATE:.2f} s of input" if s.dropped_samples else ""
+            extra += f", {s.nonfinite} non-finite input samples replaced with 0" if s.nonfinite else ""
+            print(f"cpc-stream: {r.name}: {r.frames} frames, ended: {r.ended}{extra}", file=sys.stderr)
+        return status
 
     return run_cli("cpc-stream", body)
 

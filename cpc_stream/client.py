@@ -1,14 +1,25 @@
-"""Subscriber library: frames from a cpc-stream daemon as numpy arrays, with gap detection. No torch.
+"""Subscriber library: frames from a cpc-stream daemon as numpy arrays, with gap, restart and silence
+detection. No torch.
 
 from cpc_stream.client import Subscriber
 with Subscriber("tcp://127.0.0.1:5556", kinds=("c",)) as sub:
     meta = sub.wait_meta(timeout=5)                  # the model's metadata (dims, K, hop, ...)
-    for msg in sub:                                  # Message(kind, stream, header, data)
+    while (msg := sub.recv(timeout=1.0)) is not None or sub.silent_for() < 10:
+        if msg is None:
+            continue                                 # nothing this second; the daemon is still alive
         if msg.kind == "c":
             use(msg.data)                            # (frames, ctx_dim) float32
         elif msg.kind == "eos":
             break
-sub.gaps                                             # [(kind, stream, expected seq, received seq)]
+sub.gaps      # [(kind, stream, expected seq, received seq)]: messages lost on the way
+sub.restarts  # [(stream, (old instance, epoch), (new instance, epoch))]: the daemon or a stream restarted
+sub.malformed # Counter of reasons: messages that broke docs/protocol.md, skipped
+
+Nothing on the wire can crash a Subscriber: a malformed message is counted in .malformed with its reason
+and skipped. A daemon that restarts (a new instance id) or a stream that starts over (a new epoch) is a
+restart, not a gap: sequence numbers are tracked per run. A daemon that dies sends nothing more; the
+metadata it sends every meta_interval seconds is the heartbeat, and silent_for() says how long it has
+been quiet.
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ from .protocol import Message
 
 log = logging.getLogger("cpc.client")
 
+DIMS = {"c": "ctx_dim", "z": "enc_dim"}  # a data kind's last axis, as named in meta["model"]
+
 
 class Subscriber:
-    """A SUB socket on a daemon. Iterating yields data messages (c, z, scores), eos and, if asked for,
-    stats; metadata messages are absorbed into .meta. Sequence jumps are recorded in .gaps."""
+    """A SUB socket on a daemon. recv() and iteration yield data messages (c, z, scores), eos and, if
+    asked for, stats; metadata is absorbed into .meta."""
 
     def __init__(
         self,
@@ -43,6 +56,9 @@ class Subscriber:
         hwm: int = 10000,
         rcvbuf: int = 0,
     ):
+        """kinds: data kinds to receive; streams: only these stream names (exactly; None: every stream);
+        stats: also yield the daemon's statistics messages; server_key / client_key: the daemon's public
+        key file and this client's key pair file, for CURVE."""
         unknown = set(kinds) - set(protocol.DATA_KINDS)
         if unknown:
             raise UserError(
@@ -51,68 +67,132 @@ class Subscriber:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
+        # A frame larger than any well-formed message disconnects its sender (the socket reconnects).
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 4 * protocol.MAX_PAYLOAD_VALUES + (1 << 20))
         if rcvbuf:
             self.sock.setsockopt(zmq.RCVBUF, rcvbuf)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if server_key:
-            try:
-                public, secret = zmq.auth.load_certificate(client_key) if client_key else (None, None)
-                server_public, _ = zmq.auth.load_certificate(server_key)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot load CURVE keys: {e}") from None
-            if secret is None:
-                raise UserError("CURVE needs the client's key pair file (.key_secret) as client_key")
-            self.sock.curve_secretkey, self.sock.curve_publickey, self.sock.curve_serverkey = (
-                secret,
-                public,
-                server_public,
-            )
-        self.sock.connect(endpoint)
-        names = list(streams) if streams else [""]
-        for kind in [*kinds, "eos", *(["stats"] if stats else [])]:
-            for name in names if kind != "stats" else [""]:
-                self.sock.setsockopt(zmq.SUBSCRIBE, protocol.topic(kind, name))
-        self.sock.setsockopt(zmq.SUBSCRIBE, protocol.topic("meta"))  # last: the daemon counts this one
+        if server_key or client_key:
+            self._use_curve(server_key, client_key)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise UserError(f"cannot connect to {endpoint}: {e.strerror}") from None
+        # Connect, then subscribe: data first, metadata last (the daemon's --wait-subscribers counts
+        # metadata subscriptions, so everything else is in place when it starts).
+        for kind in [*kinds, "eos"]:
+            for name in streams or [None]:
+                self.sock.setsockopt(zmq.SUBSCRIBE, protocol.subscription(kind, name))
+        if stats:
+            self.sock.setsockopt(zmq.SUBSCRIBE, protocol.topic("stats"))
+        self.sock.setsockopt(zmq.SUBSCRIBE, protocol.topic("meta"))
         self.meta: dict | None = None
         self.gaps: list[tuple[str, str, int, int]] = []
         self.lost = 0  # messages missed, summed over gaps
-        self._next: dict[tuple[str, str], int] = {}
+        self.malformed: collections.Counter[str] = collections.Counter()
+        self.restarts: list[tuple[str, tuple[str, int], tuple[str, int]]] = []
+        self._runs: dict[str, tuple[str, int]] = {}  # stream -> the run its last message belonged to
+        self._next: dict[tuple[str, str, tuple[str, int]], int] = {}  # (kind, stream, run) -> next seq
+        self._heard = time.monotonic()
         self._pending: collections.deque[Message] = collections.deque()  # received while waiting for meta
 
+    def _use_curve(self, server_key: str | None, client_key: str | None) -> None:
+        if not (server_key and client_key):
+            raise UserError(
+                "CURVE needs both the daemon's public key (server_key) and this client's key pair (client_key)"
+            )
+        try:
+            public, secret = zmq.auth.load_certificate(client_key)
+            server_public, _ = zmq.auth.load_certificate(server_key)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load CURVE keys: {e}") from None
+        if secret is None:
+            raise UserError(f"{client_key}: holds no secret key (give this client's .key_secret file)")
+        self.sock.curve_secretkey, self.sock.curve_publickey = secret, public
+        self.sock.curve_serverkey = server_public
+
+    # -- checks --------------------------------------------------------------------------------------
+    def silent_for(self) -> float:
+        """Seconds since the daemon was last heard from (any message, metadata included)."""
+        return time.monotonic() - self._heard
+
+    def _reject(self, reason: str) -> None:
+        self.malformed[reason] += 1
+        if self.malformed[reason] == 1:
+            log.warning("skipped a malformed message: %s", reason)
+
+    def _fits_meta(self, msg: Message) -> str | None:
+        """Why msg contradicts the daemon's metadata (None if it does not, or if it is of another run)."""
+        meta = self.meta
+        if meta is None or msg.data is None or meta["instance"] != msg.header["instance"]:
+            return None
+        model = meta["model"]
+        want = model["n_steps"] if msg.kind == "scores" else model[DIMS[msg.kind]]
+        if msg.data.shape[-1] != want:
+            return f"{msg.kind}: {msg.data.shape[-1]} values per frame, the daemon's metadata says {want}"
+        if msg.header["count"] > model["frames_per_call"]:
+            return f"{msg.kind}: {msg.header['count']} frames, more than frames_per_call {model['frames_per_call']}"
+        return None
+
     def _track(self, msg: Message) -> None:
+        run = msg.run
+        old = self._runs.get(msg.stream)
+        if old is not None and old != run:
+            self.restarts.append((msg.stream, old, run))
+            what = "the daemon restarted" if old[0] != run[0] else "the stream started over"
+            log.warning(
+                "stream %s: %s (instance %s epoch %d -> instance %s epoch %d)", msg.stream, what, *old, *run
+            )
+        self._runs[msg.stream] = run
         if msg.kind in protocol.DATA_KINDS:
-            key = (msg.kind, msg.stream)
+            key = (msg.kind, msg.stream, run)
             want = self._next.get(key)
+            if want is None and old is not None and old != run:
+                want = 0  # a run that started while we listened: its first message is seq 0
             if want is not None and msg.seq != want:
                 self.gaps.append((msg.kind, msg.stream, want, msg.seq))
                 self.lost += max(0, msg.seq - want)
                 log.warning("gap in %s.%s: expected seq %d, got %d", msg.kind, msg.stream, want, msg.seq)
             self._next[key] = msg.seq + 1
         elif msg.kind == "eos":  # messages lost at the very end show up against the final seq
-            for kind, last in msg.header.get("last_seq", {}).items():
-                key = (kind, msg.stream)
-                if key in self._next and last >= self._next[key]:
-                    self.gaps.append((kind, msg.stream, self._next[key], last + 1))
-                    self.lost += last + 1 - self._next[key]
+            for kind, last in msg.header["last_seq"].items():
+                key = (kind, msg.stream, run)
+                have = self._next.get(key, 0)
+                if last >= have and key in self._next:
+                    self.gaps.append((kind, msg.stream, have, last + 1))
+                    self.lost += last + 1 - have
 
     def _read(self, wait_ms: int | None) -> tuple[bool, Message | None]:
         """Poll once. Returns (False, None) on timeout, else (True, message); metadata is absorbed into
-        .meta and malformed messages are dropped, both giving (True, None)."""
+        .meta and malformed messages are skipped, both giving (True, None)."""
         if not self.sock.poll(wait_ms):
             return False, None
+        frames = self.sock.recv_multipart()
         try:
-            msg = protocol.decode(self.sock.recv_multipart())
+            msg = protocol.decode(frames)
         except protocol.ProtocolError as e:
-            log.warning("dropped a malformed message: %s", e)
+            self._reject(str(e))
             return True, None
+        problem = self._fits_meta(msg)
+        if problem:
+            self._reject(problem)
+            return True, None
+        self._heard = time.monotonic()
         if msg.kind == "meta":
+            if self.meta is not None and self.meta["instance"] != msg.header["instance"]:
+                log.warning(
+                    "the daemon restarted (instance %s -> %s)", self.meta["instance"], msg.header["instance"]
+                )
             self.meta = msg.header
             return True, None
-        self._track(msg)
+        if msg.kind in protocol.STREAM_KINDS:
+            self._track(msg)
         return True, msg
 
+    # -- reading -------------------------------------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Message | None:
-        """The next message other than metadata, or None after `timeout` seconds."""
+        """The next message other than metadata, or None after `timeout` seconds (None: wait forever)."""
         if self._pending:
             return self._pending.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -138,6 +218,7 @@ class Subscriber:
         return self.meta
 
     def __iter__(self) -> Iterator[Message]:
+        """Messages forever (a dead daemon makes this wait forever: use recv(timeout) and silent_for())."""
         while True:
             msg = self.recv()
             if msg is not None:

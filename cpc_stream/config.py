@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import settings
+from .security import parse_endpoint
 
 
 @dataclass
@@ -19,12 +20,11 @@ class StreamSection:
     meta_interval: float = 1.0  # seconds between periodic model-metadata messages
     stats_interval: float = 1.0  # seconds between daemon statistics messages
     hwm: int = 1000  # messages queued per subscriber before ZeroMQ drops (a slow subscriber sees gaps)
-    sndbuf: int = (
-        0  # kernel send buffer per connection in bytes (0: the OS default, which autotunes up to MBs)
-    )
+    sndbuf: int = 0  # kernel send buffer per connection in bytes (0: the OS default, which autotunes)
     queue_seconds: float = 5.0  # audio buffered per live source before input is dropped and counted
     curve_secret_key: str = ""  # daemon key pair file (cpc-keygen); enables CURVE encryption
     curve_allowed_keys: str = ""  # folder of client public keys allowed to subscribe
+    insecure: bool = False  # allow a routable bind without CURVE (anyone who reaches it can subscribe)
 
 
 @dataclass
@@ -43,9 +43,10 @@ RULES = settings.Rules(
             "stream.queue_seconds",
         }
     ),
-    foreign=("model", "data", "negatives", "train"),  # cpc-train's sections of config.yaml
 )
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> DaemonConfig:
-    return settings.load(DaemonConfig, path, overrides, RULES)
+    cfg = settings.load(DaemonConfig, path, overrides, RULES)
+    parse_endpoint(cfg.stream.bind)  # a malformed endpoint or port is an error before anything starts
+    return cfg

@@ -145,7 +145,7 @@ def choose_providers(requested: str = "auto") -> list[str]:
 class StreamingModel:
     """A cpc-stream ONNX graph in an onnxruntime session, with its metadata checked."""
 
-    def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1, huge_pages: bool = True):
+    def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1, huge_pages: bool = False):
         """huge_pages: once the session is built, move the process's memory, the weights included, into
         2 MB pages where Linux allows it (hugepages.py; one-frame int8 calls measured ~9 % faster)."""
         import onnxruntime as ort
@@ -186,6 +186,61 @@ class StreamingModel:
                 )
             self._dtypes[i.name] = STATE_DTYPES[i.type]
         self.providers = self.session.get_providers()
+        self._check_against_graph(str(p))
+
+    def expected_shapes(self, batch: int | str = "B") -> dict[str, list]:
+        """Every input and output shape the metadata implies, with `batch` for the batch axis."""
+        i = self.info
+        f = i.frames_per_call
+        shapes = {
+            "audio": [batch, i.samples_per_call],
+            "z": [batch, f, i.enc_dim],
+            "c": [batch, f, i.ctx_dim],
+        }
+        shapes.update({k: [batch, f, i.n_steps] for k in ("scores", "logprob", "valid")})
+        for name in i.state_names:
+            shapes[name] = shapes[f"new_{name}"] = [batch if d == "B" else d for d in i.state_shapes[name]]
+        return shapes
+
+    def _check_against_graph(self, source: str) -> None:
+        """Refuse metadata that contradicts the graph (a runtime that trusted it would fail mid-stream):
+        the declared shapes against the graph's static dimensions, then one call on two zero streams
+        against the shapes it really returns."""
+        i = self.info
+        for key in ("sample_rate", "hop", "frames_per_call", "enc_dim", "ctx_dim", "n_steps", "neg_window"):
+            if getattr(i, key) < 1:
+                raise UserError(f"{source}: metadata {key} is {getattr(i, key)}, expected >= 1")
+        for name, dims in i.state_shapes.items():
+            if not (
+                isinstance(dims, list) and dims and all(d == "B" or (type(d) is int and d >= 1) for d in dims)
+            ):
+                raise UserError(f"{source}: metadata state_shapes[{name!r}] = {dims!r} is not a shape")
+        want = self.expected_shapes()
+        for node in [*self.session.get_inputs(), *self.session.get_outputs()]:
+            if node.name not in want:
+                continue
+            declared, graph = want[node.name], node.shape
+            static_ok = len(graph) == len(declared) and all(
+                not isinstance(g, int) or d == "B" or g == d for g, d in zip(graph, declared, strict=True)
+            )
+            if not static_ok:
+                raise UserError(
+                    f"{source}: metadata implies {node.name} of shape {declared}, the graph has {graph}"
+                )
+        try:
+            out, state = self.step(np.zeros((2, i.samples_per_call), np.float32), self.zero_state(2))
+        except Exception as e:  # onnxruntime's own error types
+            raise UserError(f"{source}: the graph fails on two zero streams as its metadata describes them "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None  # fmt: skip
+        got = {
+            **{k: list(v.shape) for k, v in out.items()},
+            **{f"new_{k}": list(v.shape) for k, v in state.items()},
+        }
+        for name, shape in got.items():
+            if shape != self.expected_shapes(2)[name]:
+                raise UserError(
+                    f"{source}: metadata implies {name} of shape {self.expected_shapes(2)[name]}, the graph returns {shape}"
+                )
 
     def zero_state(self, batch: int) -> dict[str, np.ndarray]:
         """Fresh state for `batch` streams: every stream at its start."""
@@ -254,15 +309,33 @@ class StreamBatch:
         """Restart the given streams."""
         StreamingModel.reset(self.state, rows)
 
-    def step(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+    def step(self, audio: np.ndarray, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """audio (batch, frames_per_call * hop) -> outputs {z, c, scores, logprob, valid}, each
-        (batch, F, ...), as new arrays."""
+        (batch, F, ...), as new arrays. With `rows`, only those streams advance: audio is
+        (len(rows), F * hop), the outputs (len(rows), F, ...), and the other streams' state is untouched
+        (their rows are gathered into a copy of the state and scattered back, so this path copies)."""
+        if rows is not None and list(rows) != list(range(self.batch)):
+            return self._step_rows(audio, rows)
         if audio.shape != self._audio.shape:
             raise ValueError(f"audio must be {self._audio.shape}, got {audio.shape}")
         np.copyto(self._audio, audio)
         self.model.session.run_with_iobinding(self._bindings[self._current])
         self._current = 1 - self._current
         return {k: v.copy() for k, v in self._outputs.items()}
+
+    def _step_rows(self, audio: np.ndarray, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        idx = np.asarray(rows, dtype=np.int64)
+        if len(set(idx.tolist())) != len(idx) or (len(idx) and not 0 <= idx.min() <= idx.max() < self.batch):
+            raise ValueError(
+                f"rows must be distinct rows of the batch (0..{self.batch - 1}), got {list(rows)}"
+            )
+        if audio.shape != (len(idx), self._audio.shape[1]):
+            raise ValueError(f"audio must be ({len(idx)}, {self._audio.shape[1]}), got {audio.shape}")
+        state = self.state
+        out, new_state = self.model.step(audio, {k: v[idx] for k, v in state.items()})
+        for k, v in new_state.items():
+            state[k][idx] = v
+        return out
 
 
 def _bind_output(binding, name: str, arr: np.ndarray) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -20,3 +21,24 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class _Format(logging.Formatter):
+    """`prog: message` for information, `prog: warning: message` and `prog: error: message` above it."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"{self.prog}: {level}{record.getMessage()}"
+
+
+def setup_logging(prog: str, level: int = logging.INFO) -> None:
+    """Log lines on stderr in the commands' one-line style."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format(prog))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -4,7 +4,8 @@
 
 Give the daemon `stream.curve_secret_key: keys/server.key_secret` and copy each allowed client's public
 `.key` file into the folder named by `stream.curve_allowed_keys`. A client needs its own `.key_secret`
-and the daemon's public `server.key`.
+and the daemon's public `server.key`. Secret key files are written mode 0600 (the daemon refuses one that
+other users can read), and an existing pair is never overwritten.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import zmq.auth
-
 from .errors import UserError, run_cli
+from .security import write_key_pair
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise UserError(f"cannot create {folder}: {e.strerror}") from None
         for name in args.names:
-            public, secret = zmq.auth.create_certificates(str(folder), name)
+            if not name or "/" in name or name.startswith("."):
+                raise UserError(f"key name {name!r}: expected a plain file name")
+            public, secret = write_key_pair(folder, name)
             print(f"cpc-keygen: {public} (public), {secret} (secret)")
         return 0
 

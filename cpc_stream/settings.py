@@ -1,14 +1,16 @@
 """Typed configuration from YAML plus `section.key=value` overrides, shared by every command.
 
 A configuration is a dataclass of section dataclasses whose fields declare type and default. One
-config.yaml holds the sections of every tool; each tool reads its own sections and skips the others by
-name. Unknown keys, wrong types, values outside their allowed set and negative numbers are one-line
-UserErrors naming the key.
+config.yaml holds the sections of every tool (SECTIONS names them all); each tool checks its own sections
+and skips the other tools'. An unknown section, an unknown key, a wrong type, a value outside its allowed
+set, a negative or non-finite number is a one-line UserError naming the key, from whichever tool reads
+the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 
@@ -16,12 +18,17 @@ import yaml
 
 from .errors import UserError
 
+# Every section of config.yaml, and the tool that reads it. A tool that gains a section adds it here.
+SECTIONS = {
+    "model": "cpc-train", "data": "cpc-train", "negatives": "cpc-train", "train": "cpc-train",
+    "stream": "cpc-stream",
+}  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class Rules:
     choices: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # key -> allowed values
     positive: frozenset[str] = frozenset()  # keys that must be > 0 (all numbers must be >= 0)
-    foreign: tuple[str, ...] = ()  # sections of config.yaml that belong to other tools
 
 
 def _coerce(key: str, value: object, typ: type, rules: Rules) -> object:
@@ -44,6 +51,8 @@ def _coerce(key: str, value: object, typ: type, rules: Rules) -> object:
     if key in rules.choices and value not in rules.choices[key]:
         raise UserError(f"config key {key}: {value!r} is not one of {', '.join(rules.choices[key])}")
     if typ in (int, float):
+        if not math.isfinite(value):
+            raise UserError(f"config key {key}: must be a finite number, got {value!r}")
         if key in rules.positive and value <= 0:
             raise UserError(f"config key {key}: must be > 0, got {value!r}")
         if value < 0:
@@ -60,6 +69,8 @@ def set_key(cfg: object, key: str, value: object, rules: Rules) -> None:
     """Set `section.name` on cfg after checking that the key exists and the value fits."""
     sections = _field_types(cfg)
     section_name, _, name = key.partition(".")
+    if section_name in SECTIONS and section_name not in sections:
+        raise UserError(f"config key {key!r} belongs to {SECTIONS[section_name]}, not this command")
     if section_name not in sections or not name:
         raise UserError(f"unknown config key {key!r} (sections: {', '.join(sections)})")
     section = getattr(cfg, section_name)
@@ -70,13 +81,16 @@ def set_key(cfg: object, key: str, value: object, rules: Rules) -> None:
 
 
 def from_dict(cls: type, d: object, rules: Rules):
-    """Build cls() from a nested dict, skipping the sections listed in rules.foreign."""
+    """Build cls() from a nested dict, skipping the sections of other tools (SECTIONS)."""
     cfg = cls()
+    own = _field_types(cfg)
     if not isinstance(d, dict):
-        raise UserError(f"config must be a mapping of sections ({', '.join(_field_types(cfg))})")
+        raise UserError(f"config must be a mapping of sections ({', '.join(own)})")
     for section, values in d.items():
-        if section in rules.foreign:
-            continue
+        if section not in own and section in SECTIONS:
+            continue  # another tool's section
+        if section not in own:
+            raise UserError(f"config section {section!r} is unknown (sections: {', '.join(SECTIONS)})")
         if not isinstance(values, dict):
             raise UserError(f"config section {section!r} must be a mapping, got {values!r}")
         for name, value in values.items():
@@ -92,9 +106,13 @@ def load(cls: type, path: str | Path | None, overrides: typing.Sequence[str], ru
         if not p.is_file():
             raise UserError(f"config file {p} not found")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise UserError(f"config file {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {p}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise UserError(f"config file {p}: cannot read it ({e.strerror})") from None
     cfg = from_dict(cls, d, rules)
     for item in overrides:
         key, eq, raw = item.partition("=")

@@ -1,14 +1,19 @@
 """Audio sources for the daemon: a microphone, files and stdin, each turned into 16 kHz mono float32.
 
-Each source runs in its own thread and writes into its SourceBuffer, which the engine reads from. Live
+Each source runs in its own thread and writes into its SourceBuffer, which the daemon reads from. Live
 sources (a microphone, a file paced with --realtime) never wait: when the buffer is full the new audio is
 dropped and counted. Files read as fast as possible and stdin wait for room instead, so nothing is lost.
 The microphone callback only copies the block into a deque: it never blocks, never waits on the model.
+
+Every source stops within a bounded time of stop(): no call blocks for longer than STOP_POLL_S without
+looking at the stop flag (stdin is read only when select() says it is readable).
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import select
 import sys
 import threading
 import time
@@ -16,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from .audio import Resampler, open_audio
 from .errors import UserError
 
 RATE = 16000
+STOP_POLL_S = 0.1  # the longest a source thread waits without looking at its stop flag
 
 
 @dataclass
@@ -28,6 +35,7 @@ class SourceStats:
     dropped_samples: int = 0  # 16 kHz samples thrown away because the buffer was full
     overflows: int = 0  # capture overflows reported by the audio driver
     received_samples: int = 0
+    nonfinite: int = 0  # input samples that were NaN or Inf, replaced with 0 (audio.Resampler)
 
 
 @dataclass
@@ -40,6 +48,7 @@ class SourceBuffer:
     _marks: collections.deque = field(default_factory=collections.deque)  # (end sample index, t_mono, t_wall)
     _start: int = 0  # absolute index of the first buffered sample
     _size: int = 0
+    _last_stamp: tuple[float, float] = (float("-inf"), float("-inf"))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _room: threading.Condition = field(init=False)
     ended: str = ""  # why the source ended ("end of file", "stopped", "error: ..."); "" while live
@@ -76,7 +85,9 @@ class SourceBuffer:
         return True
 
     def take(self, n: int) -> tuple[np.ndarray, float, float]:
-        """Remove the first n samples (n <= available); returns them and the capture time of the last one."""
+        """Remove the first n samples (n <= available); returns them and the capture time of the last one.
+        Stamps never go backwards: a source read faster than real time stamps a block when it was read,
+        which can be earlier than the previous block's last sample would have been captured."""
         with self._lock:
             parts, need = [], n
             while need:
@@ -93,9 +104,12 @@ class SourceBuffer:
                 self._marks.popleft()
             mark_end, t_mono, t_wall = self._marks[0] if self._marks else (end, time.monotonic(), time.time())
             lag = (mark_end - end) / RATE  # the last taken sample was captured this much earlier
+            t_mono = max(t_mono - lag, self._last_stamp[0])
+            t_wall = max(t_wall - lag, self._last_stamp[1])
+            self._last_stamp = (t_mono, t_wall)
             self._start, self._size = end, self._size - n
             self._room.notify_all()
-        return np.concatenate(parts) if len(parts) > 1 else parts[0], t_mono - lag, t_wall - lag
+        return np.concatenate(parts) if len(parts) > 1 else parts[0], t_mono, t_wall
 
     def end(self, reason: str) -> None:
         self.ended = reason
@@ -109,6 +123,7 @@ class Source:
 
     def __init__(self, name: str):
         self.name = name
+        self.resample: Resampler | None = None  # set by each source for its input rate
         self.stats = SourceStats()
         self._stop = threading.Event()
         self.buffer: SourceBuffer | None = None
@@ -131,6 +146,8 @@ class Source:
 
     def emit(self, samples: np.ndarray, t_mono: float, t_wall: float) -> None:
         self.stats.received_samples += len(samples)
+        if self.resample is not None:
+            self.stats.nonfinite = self.resample.nonfinite
         if not self.buffer.push(samples, t_mono, t_wall, wait=not self.live, stop=self._stop):
             self.stats.dropped_samples += len(samples)
 
@@ -145,6 +162,7 @@ class FileSource(Source):
         self, name: str, path: str | Path, realtime: bool = False, block_seconds: float | None = None
     ):
         super().__init__(name)
+        self.path = str(path)
         self.file = open_audio(path)
         self.live = realtime
         # Paced: 10 ms blocks, like a microphone's; otherwise large blocks for throughput.
@@ -153,20 +171,44 @@ class FileSource(Source):
         self.resample = Resampler(self.file.samplerate, RATE)
 
     def run(self) -> str:
-        start, done = time.monotonic(), 0
+        start, done, rate = time.monotonic(), 0, self.file.samplerate
         with self.file:
             while not self._stop.is_set():
-                block = self.file.read(self.block, dtype="float32", always_2d=True)
+                try:
+                    block = self.file.read(self.block, dtype="float32", always_2d=True)
+                except sf.LibsndfileError as e:  # damaged or truncated: keep what still decodes
+                    tail = self._salvage(done)
+                    self.emit(self.resample(tail, last=True), time.monotonic(), time.time())
+                    return (
+                        f"error: {self.path} is damaged after {(done + len(tail)) / rate:.2f} s "
+                        f"({str(e).strip().removeprefix('Error : ')}); the audio before was processed"
+                    )
                 last = len(block) < self.block
                 done += len(block)
                 if self.live:  # pace: this block is "captured" when its audio would have ended
-                    delay = start + done / self.file.samplerate - time.monotonic()
+                    delay = start + done / rate - time.monotonic()
                     if delay > 0:
                         self._stop.wait(delay)
                 self.emit(self.resample(block, last=last), time.monotonic(), time.time())
                 if last:
                     return "end of file"
         return "stopped"
+
+    def _salvage(self, position: int) -> np.ndarray:
+        """The samples from `position` that decode before the damage, read in small blocks (a large read
+        that fails loses all of its block). (frames, channels) float32."""
+        parts = []
+        try:
+            with sf.SoundFile(self.path) as f:
+                f.seek(position)
+                while True:
+                    block = f.read(16, dtype="float32", always_2d=True)
+                    parts.append(block)
+                    if len(block) < 16:
+                        break
+        except (sf.LibsndfileError, RuntimeError, OSError):
+            pass
+        return np.concatenate(parts) if parts else np.zeros((0, self.file.channels), np.float32)
 
 
 STDIN_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4", "u8": "u1"}
@@ -188,6 +230,10 @@ class StdinSource(Source):
         self.block_bytes = max(1, int(rate * block_seconds)) * self.frame_bytes
         self.resample = Resampler(rate, RATE)
         self.stream = stream or sys.stdin.buffer
+        try:
+            self.fd: int | None = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+            self.fd = None
 
     def _to_float(self, raw: bytes) -> np.ndarray:
         x = np.frombuffer(raw, dtype=self.dtype).reshape(-1, self.channels)
@@ -197,14 +243,20 @@ class StdinSource(Source):
             return (x.astype(np.float32) - 128.0) / 128.0
         return x.astype(np.float32) / float(2 ** (8 * self.dtype.itemsize - 1))
 
+    def _read(self) -> bytes | None:
+        """Up to block_bytes of input, b"" at its end, or None if none came within STOP_POLL_S (a pipe
+        held open by an idle writer must not keep the source from seeing stop())."""
+        if self.fd is None:  # a file object without a descriptor (tests)
+            return self.stream.read(self.block_bytes)
+        ready, _, _ = select.select([self.fd], [], [], STOP_POLL_S)
+        return os.read(self.fd, self.block_bytes) if ready else None
+
     def run(self) -> str:
         pending = b""
         while not self._stop.is_set():
-            raw = (
-                self.stream.read1(self.block_bytes)
-                if hasattr(self.stream, "read1")
-                else self.stream.read(self.block_bytes)
-            )
+            raw = self._read()
+            if raw is None:
+                continue
             last = not raw
             pending += raw
             whole = len(pending) // self.frame_bytes * self.frame_bytes

@@ -14,7 +14,7 @@ import json
 import sys
 
 from cpc_stream.client import Subscriber
-from cpc_stream.errors import run_cli
+from cpc_stream.errors import UserError, run_cli
 from cpc_stream.probe import LinearProbe, Smoother
 
 
@@ -32,23 +32,30 @@ def main(argv: list[str] | None = None) -> int:
         out = open(args.jsonl, "w") if args.jsonl else None  # noqa: SIM115
         smoothers, current, seen, ended = {}, {}, set(), set()
         with Subscriber(args.connect, kinds=("c",)) as sub:
-            for msg in sub:
+            while True:
+                msg = sub.recv(timeout=1.0)
+                if msg is None:
+                    if sub.meta is not None and sub.silent_for() > 10:  # the daemon's heartbeat stopped
+                        raise UserError(f"the daemon at {args.connect} has been silent for 10 s")
+                    continue
+                run = (msg.stream, msg.run)  # a restarted stream starts a new smoother
                 seen.add(msg.stream)
                 if msg.kind == "eos":
                     ended.add(msg.stream)
-                    if args.until_eos and seen <= ended:
+                    listed = set(sub.meta["streams"]) if sub.meta else set()
+                    if args.until_eos and seen | listed <= ended:
                         break
                     continue
                 lp = probe.log_probs(msg.data)
-                sm = smoothers.setdefault(msg.stream, Smoother(len(probe.classes), args.smooth))
+                sm = smoothers.setdefault(run, Smoother(len(probe.classes), args.smooth))
                 decisions = sm.update(lp)
                 for i, (raw, dec) in enumerate(zip(lp.argmax(1), decisions, strict=True)):
                     frame = msg.header["frame"] + i
                     if out:
                         out.write(json.dumps({"stream": msg.stream, "frame": frame, "raw": probe.classes[raw],
                                               "smoothed": probe.classes[dec]}) + "\n")  # fmt: skip
-                    if current.get(msg.stream) != dec:
-                        current[msg.stream] = dec
+                    if current.get(run) != dec:
+                        current[run] = dec
                         print(f"{msg.stream} {frame / 100:7.2f} s: {probe.classes[dec]}", flush=True)
         if out:
             out.close()

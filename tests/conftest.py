@@ -54,3 +54,54 @@ def tiny_checkpoint(tmp_path_factory):
                              f"train.out_dir={out}", "train.threads=1"])  # fmt: skip
     train.train(cfg, quiet=True)
     return out / "checkpoint.pt"
+
+
+# -- running the daemon ------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_daemon(model_path, *args, port=None, **popen):
+    """cpc-stream as a user runs it, publishing on a free loopback port. Returns (process, endpoint)."""
+    import subprocess
+    import sys
+
+    port = port or free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "cpc_stream.cli",
+        "--model",
+        str(model_path),
+        "--bind",
+        f"tcp://127.0.0.1:{port}",
+        *args,
+    ]
+    popen = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(cmd, cwd=REPO, **popen), f"tcp://127.0.0.1:{port}"
+
+
+def collect(sub, streams: int, timeout: float = 60.0):
+    """Receive until `streams` end-of-stream messages; returns {stream: {kind: [messages]}}, {stream: eos}."""
+    import time
+
+    got, eos, deadline = {}, {}, time.monotonic() + timeout
+    while len(eos) < streams and time.monotonic() < deadline:
+        msg = sub.recv(timeout=1.0)
+        if msg is None:
+            continue
+        if msg.kind == "eos":
+            eos[msg.stream] = msg.header
+        else:
+            got.setdefault(msg.stream, {}).setdefault(msg.kind, []).append(msg)
+    return got, eos
+
+
+def frames_of(msgs):
+    import numpy as np
+
+    return np.concatenate([m.data for m in msgs])

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO, UTT_2911, UTT_4051
+from conftest import REPO, UTT_2911, UTT_4051, free_port, start_daemon
 from cpc_training.features import extract
 from cpc_training.probe import fit_linear_probe, save_probe
-from test_daemon import free_port, start_daemon
 
 from cpc_stream.audio import load_audio
 from cpc_stream.probe import LinearProbe, Smoother

@@ -97,7 +97,6 @@ RULES = settings.Rules(
         "data.batch_size", "negatives.count", "train.max_steps", "train.lr", "train.grad_accum",
         "train.log_every", "train.ckpt_every",
     }),
-    foreign=("stream",),  # the daemon's section of config.yaml
 )  # fmt: skip
 
 
