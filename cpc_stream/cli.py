@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_devices:
             print(list_devices())
             return 0
+        if args.wait_subscribers < 0:
+            raise UserError(f"--wait-subscribers {args.wait_subscribers}: expected a count >= 0")
         path = args.config or ("config.yaml" if Path("config.yaml").is_file() else None)
         overrides = [*args.overrides, *args.set]
         for flag in ("model", "bind", "publish_z", "insecure"):

@@ -151,6 +151,8 @@ class StreamingModel:
         import onnxruntime as ort
 
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"model file {p} is a folder; give the .onnx file cpc-export wrote")
         if not p.is_file():
             raise UserError(f"model file {p} not found")
         opts = ort.SessionOptions()
