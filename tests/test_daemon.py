@@ -443,12 +443,28 @@ def test_listen_gives_up_on_a_silent_daemon_and_keeps_what_arrived(small_onnx, t
 
 
 def _pulse_available() -> str:
-    if not (which("pulseaudio") and which("pactl") and which("paplay")):
-        return "PulseAudio is not installed (apt-get install pulseaudio pulseaudio-utils libasound2-plugins)"
-    try:
-        import sounddevice  # noqa: F401
-    except OSError:
-        return "PortAudio is not installed (apt-get install libportaudio2)"
+    """'' when the virtual microphone can run, else which Debian packages are missing."""
+    from glob import glob
+
+    def portaudio() -> bool:
+        try:
+            import sounddevice  # noqa: F401
+        except OSError:
+            return False
+        return True
+
+    missing = [
+        package
+        for package, there in [
+            ("libportaudio2", portaudio()),
+            ("pulseaudio", which("pulseaudio")),
+            ("pulseaudio-utils", which("pactl") and which("paplay") and which("pacat")),
+            ("libasound2-plugins", glob("/usr/lib/*/alsa-lib/libasound_module_pcm_pulse.so")),
+        ]
+        if not there
+    ]
+    if missing:
+        return f"needs {' '.join(missing)} (bash scripts/test.sh installs them as root or through sudo)"
     return ""
 
 

@@ -11,6 +11,7 @@ corpus is less steady than raw synthesis. Written:
     <out>/converted_aligned_phones.txt   CPC format: utt-id, then one label per 10 ms (25 ms windows)
     <out>/train_split.txt, test_split.txt   every speaker in both, 80 / 20 utterances
     <out>/phones.txt                       label -> espeak-ng phoneme (0 = silence)
+    <out>/espeak-ng.txt                    which libespeak-ng made it (version, bundled or system)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -88,20 +90,71 @@ _CALLBACK = ctypes.CFUNCTYPE(
 )
 
 
-class Espeak:
-    """espeak-ng's C library in synchronous mode: text -> (samples int16 at self.rate, [(ms, phoneme)])."""
+ESPEAK_CHOICES = ("auto", "bundled", "system")
+# espeak-ng's stress marks (primary, secondary, unstressed, stress on the preceding syllable). Since 1.52 its
+# phoneme events carry them ("'a", ",I"); 1.51 (Debian 12) does not. Stress is not phone identity: dropped,
+# so both libraries give the same phone classes.
+STRESS_MARKS = "',%="
+# Both libraries are libespeak-ng.so.1: once one is loaded, loading the other by that name gives the first
+# again, so a process uses one of them (the first Espeak's).
+_loaded: list[str] = []
 
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
+
+def find_espeak(choice: str = "auto") -> tuple[str, str | None, str]:
+    """Which libespeak-ng to load: (library, data directory or None for the library's own, description).
+
+    bundled: the library and data of the espeakng-loader wheel (the `eval` extra), the same on every machine
+    that installs that version. system: the operating system's (Debian/Ubuntu: libespeak-ng1). auto: bundled
+    when its wheel is installed (it is for Linux x86-64, macOS arm64, Windows), else system."""
+    if choice not in ESPEAK_CHOICES:
+        raise UserError(f"--espeak must be one of {', '.join(ESPEAK_CHOICES)}, not {choice!r}")
+    if choice in ("auto", "bundled"):
         try:
-            self.lib = ctypes.CDLL(name)
-        except OSError:
-            raise UserError("libespeak-ng not found: install espeak-ng (apt-get install espeak-ng)") from None
+            import espeakng_loader
+        except ImportError:
+            if choice == "bundled":
+                raise UserError("no bundled libespeak-ng: pip install espeakng-loader") from None
+        else:
+            lib = Path(espeakng_loader.get_library_path())
+            if lib.exists():
+                version = importlib.metadata.version("espeakng-loader")
+                # espeak_Initialize takes the folder that holds espeak-ng-data
+                return str(lib), str(lib.parent), f"espeakng-loader {version}"
+            if choice == "bundled":
+                raise UserError(f"espeakng-loader is installed without its library {lib}")
+    name = ctypes.util.find_library("espeak-ng")
+    if name is None and choice == "system":
+        raise UserError("no system libespeak-ng: apt-get install libespeak-ng1")
+    if name is None:
+        raise UserError(
+            "libespeak-ng not found: pip install espeakng-loader (Linux x86-64, macOS arm64, Windows) "
+            "or apt-get install libespeak-ng1"
+        )
+    return name, None, f"system {name}"
+
+
+class Espeak:
+    """espeak-ng's C library in synchronous mode: text -> (samples int16 at self.rate, [(ms, phoneme)]).
+
+    `library` (find_espeak's choice) says which libespeak-ng; self.source and self.version say which it is."""
+
+    def __init__(self, library: str = "auto") -> None:
+        path, data, self.source = find_espeak(library)
+        if _loaded and _loaded[0] != path:
+            raise UserError(f"this process has loaded libespeak-ng {_loaded[0]}: it cannot load {path} too")
+        try:
+            self.lib = ctypes.CDLL(path)
+        except OSError as e:
+            raise UserError(f"cannot load libespeak-ng ({self.source}): {e}") from None
+        _loaded[:] = [path]
         self.lib.espeak_Initialize.restype = ctypes.c_int
-        # AUDIO_OUTPUT_SYNCHRONOUS = 2; espeakINITIALIZE_PHONEME_EVENTS = 1
-        self.rate = self.lib.espeak_Initialize(2, 0, None, 1)
+        # AUDIO_OUTPUT_SYNCHRONOUS = 2; espeakINITIALIZE_PHONEME_EVENTS = 1, espeakINITIALIZE_DONT_EXIT = 0x8000
+        # (without it a missing espeak-ng-data ends the whole process)
+        self.rate = self.lib.espeak_Initialize(2, 0, data.encode() if data else None, 0x8001)
         if self.rate <= 0:
-            raise UserError("espeak-ng failed to initialise (is espeak-ng-data installed?)")
+            raise UserError(f"espeak-ng ({self.source}) failed to initialise: its espeak-ng-data is missing")
+        self.lib.espeak_Info.restype = ctypes.c_char_p
+        self.version = self.lib.espeak_Info(None).decode()
         self._cb = _CALLBACK(self._collect)  # keep a reference: the library calls it
         self.lib.espeak_SetSynthCallback(self._cb)
         self._audio: list[np.ndarray] = []
@@ -113,9 +166,9 @@ class Espeak:
         i = 0
         while events[i].type != 0:  # espeakEVENT_LIST_TERMINATED
             if events[i].type == PHONEME_EVENT:
-                self._events.append(
-                    (events[i].audio_position, events[i].id.string.decode("ascii", "replace"))
-                )
+                name = events[i].id.string.decode("ascii", "replace")
+                name = name.lstrip(STRESS_MARKS) or name
+                self._events.append((events[i].audio_position, name))
             i += 1
         return 0
 
@@ -149,9 +202,9 @@ def frame_labels(samples: int, events: list[tuple[int, str]], vocab: dict[str, i
     return labels
 
 
-def generate(out: Path, speakers: int, utterances: int, seed: int = 0) -> dict:
+def generate(out: Path, speakers: int, utterances: int, seed: int = 0, espeak: str = "auto") -> dict:
     rng = np.random.default_rng(seed)
-    tts = Espeak()
+    tts = Espeak(espeak)
     voices = [f"{a}+{v}" for v in VARIANTS for a in ACCENTS][:speakers]
     if len(voices) < speakers:
         raise UserError(f"at most {len(ACCENTS) * len(VARIANTS)} synthetic speakers")
@@ -183,11 +236,14 @@ def generate(out: Path, speakers: int, utterances: int, seed: int = 0) -> dict:
     (out / "phones.txt").write_text(
         "0 SIL\n" + "".join(f"{i} {p}\n" for p, i in sorted(vocab.items(), key=lambda kv: kv[1]))
     )
+    espeak_used = f"espeak-ng {tts.version} ({tts.source})"
+    (out / "espeak-ng.txt").write_text(espeak_used + "\n")
     return {
         "speakers": speakers,
         "utterances": speakers * utterances,
         "hours": total_s / 3600,
         "phones": len(vocab) + 1,
+        "espeak": espeak_used,
     }
 
 
@@ -197,14 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speakers", type=int, default=12)
     ap.add_argument("--utterances", type=int, default=60, help="per speaker")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--espeak",
+        choices=ESPEAK_CHOICES,
+        default="auto",
+        help="which libespeak-ng: the espeakng-loader wheel's (bundled), the system's, or bundled if installed "
+        "(auto). The two differ slightly in timing and audio: see README, Dependencies",
+    )
     args = ap.parse_args(argv)
 
     def body() -> int:
         if args.speakers < 1 or args.utterances < 5:
             raise UserError("--speakers must be >= 1 and --utterances >= 5 (one in five is held out)")
-        s = generate(Path(args.out), args.speakers, args.utterances, args.seed)
+        s = generate(Path(args.out), args.speakers, args.utterances, args.seed, args.espeak)
         print(f"cpc-synth: {s['utterances']} utterances of {s['speakers']} speakers, {s['hours']:.2f} h, "
-              f"{s['phones']} phone classes -> {args.out}")  # fmt: skip
+              f"{s['phones']} phone classes, {s['espeak']} -> {args.out}")  # fmt: skip
         return 0
 
     return run_cli("cpc-synth", body)
