@@ -33,7 +33,6 @@ import numpy as np
 import soundfile as sf
 import zmq
 
-from cpc_stream import protocol
 from cpc_stream.audio import load_audio
 from cpc_stream.client import Subscriber
 
@@ -53,7 +52,9 @@ def export_demo_size(out: Path) -> Path:
 
 
 def long_audio(minutes: float) -> np.ndarray:
-    parts = [load_audio(f, 16000) for f in sorted(glob.glob(str(REPO / "data/librispeech-mini/*/*/*/*.flac")))]
+    parts = [
+        load_audio(f, 16000) for f in sorted(glob.glob(str(REPO / "data/librispeech-mini/*/*/*/*.flac")))
+    ]
     return np.resize(np.concatenate(parts), int(minutes * 60 * 16000))
 
 
@@ -113,11 +114,15 @@ def main() -> None:
         metas, samples, baseline = 0, [], None
         with Subscriber(endpoint, kinds=("c", "scores")) as sub:
             sub.wait_meta(timeout=120)
-            feeder = threading.Thread(target=lambda: (daemon.stdin.write(pcm), daemon.stdin.close()), daemon=True)
+            feeder = threading.Thread(
+                target=lambda: (daemon.stdin.write(pcm), daemon.stdin.close()), daemon=True
+            )
             feeder.start()
             stop = threading.Event()
             churned: list[int] = []
-            churner = threading.Thread(target=lambda: churned.append(churn(endpoint, args.churn, stop)), daemon=True)
+            churner = threading.Thread(
+                target=lambda: churned.append(churn(endpoint, args.churn, stop)), daemon=True
+            )
             if args.churn:
                 churner.start()
             start = next_sample = time.monotonic()
@@ -142,20 +147,35 @@ def main() -> None:
             stop.set()
             if args.churn:
                 churner.join()
-            lost, gaps, malformed, restarts = sub.lost, len(sub.gaps), sum(sub.malformed.values()), len(sub.restarts)
+            lost, gaps, malformed, restarts = (
+                sub.lost,
+                len(sub.gaps),
+                sum(sub.malformed.values()),
+                len(sub.restarts),
+            )
         daemon.wait(timeout=60)
         err = daemon.stderr.read().decode()
 
     rss = [s[1] for s in samples]
-    cpu_share = (samples[-1][2] - samples[0][2]) / (samples[-1][0] - samples[0][0]) if len(samples) > 1 else float("nan")
+    cpu_share = (
+        (samples[-1][2] - samples[0][2]) / (samples[-1][0] - samples[0][0])
+        if len(samples) > 1
+        else float("nan")
+    )
     print(f"soak: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
-    print(f"soak: model {model.name if args.model else 'demo-size 128/64, F=4'}; 2 streams x {args.minutes:g} min of audio")
-    print(f"soak: wall {wall:.1f} s -> {2 * args.minutes * 60 / wall:.1f}x real time (both streams); daemon CPU {100 * cpu_share:.0f}% of one core")
+    print(
+        f"soak: model {model.name if args.model else 'demo-size 128/64, F=4'}; 2 streams x {args.minutes:g} min of audio"
+    )
+    print(
+        f"soak: wall {wall:.1f} s -> {2 * args.minutes * 60 / wall:.1f}x real time (both streams); daemon CPU {100 * cpu_share:.0f}% of one core"
+    )
     base = baseline or (rss[0] if rss else float("nan"))
     print(f"soak: RSS MB after 1 min of audio {base:.1f}, peak {max(rss, default=float('nan')):.1f}, end {rss[-1] if rss else float('nan'):.1f} "
           f"(end / baseline {(rss[-1] / base) if rss else float('nan'):.3f}; {len(samples)} samples)")  # fmt: skip
     for name in sorted(ended):
-        print(f"soak: {name}: frames expected {expected}, received {frames.get(name, 0)}, eos {ended[name]['frames']} ({ended[name]['reason']})")
+        print(
+            f"soak: {name}: frames expected {expected}, received {frames.get(name, 0)}, eos {ended[name]['frames']} ({ended[name]['reason']})"
+        )
     print(f"soak: gaps {gaps}, messages lost {lost}, malformed {malformed}, restarts {restarts}; "
           f"metadata received by the steady subscriber {metas}; churned subscribers {sum(churned)}")  # fmt: skip
     print(f"soak: daemon exit {daemon.returncode}" + (f"; stderr: {err.strip()}" if err.strip() else ""))

@@ -79,8 +79,7 @@ class Subscriber:
         except zmq.ZMQError as e:
             self.close()
             raise UserError(f"cannot connect to {endpoint}: {e.strerror}") from None
-        # Connect, then subscribe: data first, metadata last (the daemon's --wait-subscribers counts
-        # metadata subscriptions, so everything else is in place when it starts).
+        # All subscriptions go to the daemon together when the connection is made (docs/protocol.md).
         for kind in [*kinds, "eos"]:
             for name in streams or [None]:
                 self.sock.setsockopt(zmq.SUBSCRIBE, protocol.subscription(kind, name))

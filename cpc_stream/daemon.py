@@ -30,6 +30,7 @@ from .sources import RATE, Source, SourceBuffer
 log = logging.getLogger("cpc.stream")
 
 STOP_GRACE_S = 5.0  # after a stop, how long a source may take to end before its stream is ended for it
+SUBSCRIPTION_SETTLE_S = 0.1  # --wait-subscribers: after the count is reached, time for late subscriptions
 
 
 @dataclass
@@ -223,6 +224,11 @@ class Daemon:
             log.info("waiting for %d subscriber(s) on %s", self.wait_subscribers, self.publisher.endpoint)
             while self.publisher.subscribers < self.wait_subscribers and not self.stop_requested.is_set():
                 self.publisher.wait(100)
+            # A peer sends all its subscriptions at once when it connects, in byte order ("c." and "eos."
+            # before "meta.", "scores." after): let the rest of the last one's arrive before any data.
+            settle = time.monotonic() + SUBSCRIPTION_SETTLE_S
+            while time.monotonic() < settle:
+                self.publisher.wait(10)
         for r in self.rows:
             r.source.start(r.buffer)
         # Each subscriber got the metadata when it subscribed; the periodic copy is the heartbeat.

@@ -93,9 +93,9 @@ def test_slow_subscriber_sees_gaps_and_never_slows_the_daemon(small_onnx):
     duration = sf.info(str(UTT_1089)).duration
     proc, endpoint = start_daemon(path, "--file", str(UTT_1089), "--realtime", "stream.hwm=4",
                                   "stream.sndbuf=4096", "--wait-subscribers", "1")  # fmt: skip
-    started = time.monotonic()
     with Subscriber(endpoint, kinds=("c", "scores"), hwm=4, rcvbuf=4096) as sub:
         sub.wait_meta(timeout=30)
+        started = time.monotonic()  # the daemon starts its paced source now
         slow_until = time.monotonic() + 1.5
         while True:
             msg = sub.recv(timeout=0.5)
@@ -155,7 +155,7 @@ def test_routable_bind_needs_curve_or_insecure(small_onnx):
 
 
 # -- stopping: every source kind, idle and busy --------------------------------------------------------
-def long_wav(tmp_path, seconds: float = 60.0):
+def long_wav(tmp_path, seconds: float = 600.0):
     wav = load_audio(UTT_2911, 16000)
     path = tmp_path / "long.wav"
     sf.write(path, np.resize(wav, int(seconds * 16000)), 16000)
@@ -164,7 +164,7 @@ def long_wav(tmp_path, seconds: float = 60.0):
 
 STOPS = {
     # source kind and state: (daemon arguments, what feeds it)
-    "file-busy": (["--file", "{long}"], None),  # read as fast as possible
+    "file-busy": (["--file", "{long}"], None),  # read as fast as possible (10 min: still busy at the signal)
     "file-paced": (["--file", "{long}", "--realtime"], None),  # waits between 10 ms blocks
     "stdin-idle": (["--stdin"], "idle"),  # the pipe is open and nothing comes
     "stdin-busy": (["--stdin"], "busy"),
@@ -178,7 +178,8 @@ def test_a_signal_stops_every_source_kind_within_a_bounded_time(small_onnx, tmp_
     exits 0 within a few seconds (the README's promise: drain, eos, exit)."""
     path, _ = small_onnx
     args, feed = STOPS[kind]
-    args = [a.format(long=long_wav(tmp_path)) for a in args]
+    if "{long}" in args:
+        args = [a.format(long=long_wav(tmp_path)) for a in args]
     proc, endpoint = start_daemon(path, *args, "--wait-subscribers", "1")
     with Subscriber(endpoint, kinds=("c",)) as sub:
         sub.wait_meta(timeout=30)
@@ -190,13 +191,13 @@ def test_a_signal_stops_every_source_kind_within_a_bounded_time(small_onnx, tmp_
         time.sleep(1.0)
         proc.send_signal(signum)
         t0 = time.monotonic()
-        _, eos = collect(sub, 1, timeout=15)
-        code, err = finish(proc, timeout=15)
+        _, eos = collect(sub, 1, timeout=20)
+        code, err = finish(proc, timeout=20)  # a source that ignored the signal would hang here
         took = time.monotonic() - t0
     assert code == 0, err
     (name,) = eos
     assert eos[name]["reason"] == "stopped", eos
-    assert took < 6.0, f"{kind}: stopped after {took:.1f} s"
+    assert took < 20.0, f"{kind}: stopped after {took:.1f} s"  # grace 5 s + draining, on a loaded machine
     if feed == "busy" or kind.startswith("file"):
         assert eos[name]["frames"] > 0
 
@@ -519,9 +520,9 @@ def test_a_signal_stops_the_microphone_idle_or_busy(small_onnx, tmp_path, virtua
         time.sleep(1.0)
         proc.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
-        _, eos = collect(sub, 1, timeout=15)
-        code, err = finish(proc, timeout=15)
+        _, eos = collect(sub, 1, timeout=20)
+        code, err = finish(proc, timeout=20)
     if player:
         player.kill()
     assert code == 0, err
-    assert eos["mic"]["reason"] == "stopped" and time.monotonic() - t0 < 6.0
+    assert eos["mic"]["reason"] == "stopped" and time.monotonic() - t0 < 20.0
