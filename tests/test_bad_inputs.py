@@ -84,6 +84,10 @@ OFFLINE_CASES = [
     # cpc-features: options
     ("features-out-is-a-file", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{afile}", "{good}"],
      r"--out .*afile is a file; give a folder", []),
+    ("features-out-not-writable", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{readonly}", "{good}"],
+     r"--out .*readonly is not writable", []),
+    ("features-out-under-a-file", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{afile}/feats", "{good}"],
+     r"cannot create output folder .*afile/feats: Not a directory", []),
     ("features-window-0", "cpc-features", [*FEATURES, "--window", "0", "{good}"], r"--window 0: expected 1\.\.4096", []),
     ("features-window-huge", "cpc-features", [*FEATURES, "--window", "100000", "{good}"],
      r"--window 100000: expected 1\.\.4096", []),

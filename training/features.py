@@ -37,10 +37,9 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import HOP, SAMPLE_RATE
 from .model import CPC, MAX_WINDOW, prediction_scores
 
-CHUNK_SECONDS = (
-    10  # audio per piece: peak RSS ~0.65 GB with the paper-size model, any length (bench/features_memory.py)
-)
-OUTPUTS = ("z", "c", "scores", "logprob")
+# Audio run through the model at once. What it bounds: peak RSS 0.57-0.66 GB with the paper-size model,
+# for 1 minute or 2 hours alike (bench/features_memory.py); the conv1 activations of one piece dominate.
+CHUNK_SECONDS = 10
 
 
 @torch.no_grad()
