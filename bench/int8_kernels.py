@@ -4,7 +4,7 @@
 
 For the paper-size graph's products at F=1 (rows x inputs x outputs), one thread: float32 MatMul (the
 baseline, same process), MatMulNBits (8-bit weights in blocks of 128, int8 compute: what the int8 graph
-uses for few-row products), the row-wise uint8 x int8 MatMulInteger of cpc_export.export (what it uses for
+uses for few-row products), the row-wise uint8 x int8 MatMulInteger of cpc_export.quantize (what it uses for
 convs with >= 4 rows per call), and onnxruntime's quantize_dynamic (one activation scale per call: not
 used, see docs/onnx-contract.md). Prints median microseconds per call (best of 3 rounds), the speed-up
 over float32 and the error relative to the largest float32 output, on ReLU-like inputs. One product
@@ -32,7 +32,7 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from cpc_export.export import INT8_BLOCK, quantize_int8, rowwise_uint8_matmul
+from cpc_export.quantize import INT8_BLOCK, quantize_int8, rowwise_uint8_matmul
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

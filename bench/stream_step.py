@@ -95,7 +95,7 @@ def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.nda
 
 def export_random_paper_model(frames_per_call: int, out: Path, weights: str = "fp32") -> Path:
     import torch
-    from cpc_export.export import export_onnx
+    from cpc_export.graph import export_onnx
     from cpc_training.config import Config
     from cpc_training.model import CPC
 

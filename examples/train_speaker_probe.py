@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from cpc_training.checkpoint import load_checkpoint, model_from_checkpoint
 from cpc_training.data import scan_librispeech
 from cpc_training.features import extract
 from cpc_training.probe import fit_linear_probe, save_probe
-from cpc_training.train import load_checkpoint, model_from_checkpoint
 
 from cpc_stream.audio import load_audio
 from cpc_stream.probe import LinearProbe

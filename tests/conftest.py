@@ -31,7 +31,7 @@ def _few_threads():
 def small_onnx(tmp_path_factory):
     """A small random-init model exported at F=4 (W=16), with its torch model for offline references."""
     import torch
-    from cpc_export.export import export_onnx
+    from cpc_export.graph import export_onnx
     from cpc_training import config
     from cpc_training.model import CPC
 

@@ -6,19 +6,25 @@ Every command runs as its own process, as a user would run it."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import REPO, UTT_1089, free_port
+import soundfile as sf
+from conftest import MINI, REPO, UTT_1089, UTT_4051, free_port
 
 PROGRAMS = {
     "cpc-stream": "cpc_stream.cli",
     "cpc-features": "cpc_training.features",
-    "cpc-export": "cpc_export.export",
+    "cpc-export": "cpc_export.cli",
     "cpc-train": "cpc_training.train",
 }
 
@@ -167,3 +173,245 @@ def test_cpc_stream_refuses_bad_input_in_one_line(case, stream_inputs, taken_por
         args += ["--bind", f"tcp://127.0.0.1:{free_port()}"]
     out = run("cpc-stream", *args, cwd=tmp_path, timeout=60)  # cwd: no config.yaml of the repo's
     assert_one_line_error(out, "cpc-stream", message)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Offline tools: cpc-features, cpc-export, cpc-train.
+#
+# Each row: (id, program, arguments, regex of its one error line, .npz files that must still be written).
+# Arguments are templates: {ckpt} the tiny checkpoint, {good} a real utterance, {out} a fresh folder of the
+# row's own (empty), and the names of the bad inputs made by `offline_inputs` below.
+
+GOOD_NPZ = "1089-134686-0001.npz"  # cpc-features' output for {good}
+TINY_TRAIN = ["--quiet", "data.root={root}", "model.enc_dim=32", "model.ctx_dim=16", "model.n_steps=3",
+              "data.window=3200", "data.workers=0", "negatives.count=8", "train.max_steps=3"]  # fmt: skip
+FEATURES = ["--checkpoint", "{ckpt}", "--out", "{out}"]
+EXPORT = ["--checkpoint", "{ckpt}", "--out", "{out}/m.onnx", "--check-calls", "5"]
+
+OFFLINE_CASES = [
+    # cpc-features: the checkpoint
+    ("features-missing-checkpoint", "cpc-features", ["--checkpoint", "{tmp}/none.pt", "--out", "{out}", "{good}"],
+     r"checkpoint .*none\.pt not found", []),
+    ("features-garbage-checkpoint", "cpc-features", ["--checkpoint", "{garbage}", "--out", "{out}", "{good}"],
+     r"checkpoint .*garbage\.pt is unreadable", []),
+    ("features-foreign-checkpoint", "cpc-features", ["--checkpoint", "{foreign}", "--out", "{out}", "{good}"],
+     r"checkpoint .*foreign\.pt is not a cpc-train checkpoint", []),
+    ("features-damaged-weights", "cpc-features", ["--checkpoint", "{damaged}", "--out", "{out}", "{good}"],
+     r"checkpoint .*damaged\.pt is damaged: CRC mismatch in archive/data/", []),
+    ("features-checkpoint-folder", "cpc-features", ["--checkpoint", "{tmp}", "--out", "{out}", "{good}"],
+     r"checkpoint .* is a folder", []),
+    # cpc-features: options
+    ("features-out-is-a-file", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{afile}", "{good}"],
+     r"--out .*afile is a file; give a folder", []),
+    ("features-out-not-writable", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{readonly}", "{good}"],
+     r"--out .*readonly is not writable", []),
+    ("features-out-under-a-file", "cpc-features", ["--checkpoint", "{ckpt}", "--out", "{afile}/feats", "{good}"],
+     r"cannot create output folder .*afile/feats: Not a directory", []),
+    ("features-window-0", "cpc-features", [*FEATURES, "--window", "0", "{good}"], r"--window 0: expected 1\.\.4096", []),
+    ("features-window-huge", "cpc-features", [*FEATURES, "--window", "100000", "{good}"],
+     r"--window 100000: expected 1\.\.4096", []),
+    ("features-chunk-0", "cpc-features", [*FEATURES, "--chunk-seconds", "0", "{good}"],
+     r"--chunk-seconds 0\.0: expected 0\.01\.\.3600", []),
+    # cpc-features: one bad file among good ones; the good ones are still written
+    ("features-not-audio", "cpc-features", [*FEATURES, "{notes}", "{good}"],
+     r"cannot read audio file .*notes\.wav: not a readable audio file", [GOOD_NPZ]),
+    ("features-folder", "cpc-features", [*FEATURES, "{good}", "{folder}"],
+     r"cannot read audio file .*folder\.wav: is a folder", [GOOD_NPZ]),
+    ("features-missing-file", "cpc-features", [*FEATURES, "{tmp}/gone.wav", "{good}"],
+     r"cannot read audio file .*gone\.wav: no such file", [GOOD_NPZ]),
+    ("features-truncated-flac", "cpc-features", [*FEATURES, "{truncated}", "{good}"],
+     r"cannot read audio file .*truncated\.flac", [GOOD_NPZ]),
+    ("features-same-name-twice", "cpc-features", [*FEATURES, "{good}", "{good_copy}"],
+     r"1089-134686-0001\.flac: .*1089-134686-0001\.npz is already the output of .*; rename one", [GOOD_NPZ]),
+    ("features-permission-denied", "cpc-features", [*FEATURES, "{locked}", "{good}"],
+     r"cannot read audio file .*locked\.wav: permission denied", [GOOD_NPZ]),
+    # cpc-export
+    ("export-missing-checkpoint", "cpc-export", ["--checkpoint", "{tmp}/none.pt", "--out", "{out}/m.onnx"],
+     r"checkpoint .*none\.pt not found", []),
+    ("export-foreign-checkpoint", "cpc-export", ["--checkpoint", "{foreign}", "--out", "{out}/m.onnx"],
+     r"checkpoint .*foreign\.pt is not a cpc-train checkpoint", []),
+    ("export-damaged-weights", "cpc-export", ["--checkpoint", "{damaged}", "--out", "{out}/m.onnx"],
+     r"checkpoint .*damaged\.pt is damaged: CRC mismatch in archive/data/", []),
+    ("export-step-not-an-integer", "cpc-export", ["--checkpoint", "{step_text}", "--out", "{out}/m.onnx"],
+     r"checkpoint .*step_text\.pt: step is '300', expected an integer >= 0", []),
+    ("export-step-fraction", "cpc-export", ["--checkpoint", "{step_float}", "--out", "{out}/m.onnx"],
+     r"checkpoint .*step_float\.pt: step is 2\.5, expected an integer >= 0", []),
+    ("export-out-is-a-folder", "cpc-export", ["--checkpoint", "{ckpt}", "--out", "{tmp}"],
+     r"--out .* is a folder; give a file name", []),
+    ("export-out-folder-missing", "cpc-export", ["--checkpoint", "{ckpt}", "--out", "{tmp}/no/m.onnx"],
+     r"--out .*m\.onnx: output folder .*no does not exist", []),
+    ("export-out-not-writable", "cpc-export", ["--checkpoint", "{ckpt}", "--out", "{readonly}/m.onnx"],
+     r"--out .*readonly/m\.onnx is not writable", []),
+    ("export-frames-per-call-huge", "cpc-export", [*EXPORT, "--frames-per-call", "100000"],
+     r"--frames-per-call 100000: expected 1\.\.100", []),
+    ("export-frames-per-call-0", "cpc-export", [*EXPORT, "--frames-per-call", "0"], r"--frames-per-call 0: expected 1\.\.100", []),
+    ("export-neg-window-0", "cpc-export", [*EXPORT, "--neg-window", "0"], r"--neg-window 0: expected 1\.\.4096", []),
+    ("export-check-calls-huge", "cpc-export", [*EXPORT, "--check-calls", "1000000"],
+     r"--check-calls 1000000: expected 1\.\.10000", []),
+    ("export-check-audio-not-audio", "cpc-export", [*EXPORT, "--check-audio", "{notes}"],
+     r"cannot read audio file .*notes\.wav: not a readable audio file", []),
+    ("export-check-not-a-graph", "cpc-export", ["--checkpoint", "{ckpt}", "--check", "{notes}"],
+     r"notes\.wav is not a loadable ONNX graph", []),
+    ("export-check-graph-of-another-model", "cpc-export", ["--checkpoint", "{ckpt}", "--check", "{other_graph}"],
+     r"small\.onnx was exported from config \w+ step 0, not from .*checkpoint\.pt \(config \w+ step 2\)", []),
+    # cpc-train: configuration
+    ("train-unknown-key", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "train.nosuch=1"],
+     r"unknown config key 'train\.nosuch'", []),
+    ("train-wrong-type", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "train.max_steps=abc"],
+     r"config key train\.max_steps: expected int, got 'abc'", []),
+    ("train-negative-lr", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "train.lr=-1"],
+     r"config key train\.lr: must be > 0", []),
+    ("train-window-not-hops", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "data.window=1000"],
+     r"config key data\.window: 1000 is not a multiple of the 160-sample hop", []),
+    ("train-missing-root", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "data.root={tmp}/nodata"],
+     r"dataset root .*nodata is not a directory", []),
+    ("train-missing-config", "cpc-train", ["--config", "{tmp}/none.yaml", "train.out_dir={out}"],
+     r"config file .*none\.yaml not found", []),
+    # cpc-train: resuming from a bad checkpoint.pt in train.out_dir
+    ("train-resume-damaged", "cpc-train", [*TINY_TRAIN, "train.out_dir={run_damaged}"],
+     r"checkpoint .*checkpoint\.pt is damaged: CRC mismatch", []),
+    ("train-resume-step-not-an-integer", "cpc-train", [*TINY_TRAIN, "train.out_dir={run_step_text}"],
+     r"checkpoint .*checkpoint\.pt: step is '300', expected an integer", []),
+]  # fmt: skip
+
+
+def damage_weights(src: Path, dest: Path) -> None:
+    """Copy checkpoint src to dest with one byte of its largest tensor flipped (its CRC left as it was)."""
+    import zipfile
+
+    shutil.copy(src, dest)
+    with zipfile.ZipFile(dest) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(dest, "r+b") as f:
+        f.seek(member.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = member.header_offset + 30 + name_len + extra_len + member.file_size // 2
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def drop_file_override() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set, so
+    that even root obeys file permissions (chmod 000 then denies it, as it denies any user)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; fails harmlessly where the process lacks them
+
+
+@pytest.fixture(scope="module")
+def offline_inputs(tmp_path_factory, tiny_checkpoint, small_onnx) -> dict[str, Path]:
+    import torch
+
+    d = tmp_path_factory.mktemp("offline_inputs")
+    p = {"ckpt": tiny_checkpoint, "good": UTT_1089, "root": MINI, "tmp": d, "other_graph": small_onnx[0]}
+    p["garbage"] = d / "garbage.pt"
+    p["garbage"].write_bytes(b"\x00" * 100)
+    p["foreign"] = d / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, p["foreign"])
+    state = torch.load(tiny_checkpoint, weights_only=False)
+    for name, step in (("step_text", "300"), ("step_float", 2.5)):
+        p[name] = d / f"{name}.pt"
+        torch.save({**state, "step": step}, p[name])
+    p["damaged"] = d / "damaged.pt"
+    damage_weights(tiny_checkpoint, p["damaged"])
+    for run_dir, src in (("run_damaged", p["damaged"]), ("run_step_text", p["step_text"])):
+        p[run_dir] = d / run_dir
+        p[run_dir].mkdir()
+        shutil.copy(src, p[run_dir] / "checkpoint.pt")
+    p["notes"] = d / "notes.wav"
+    p["notes"].write_text("not audio at all\n")
+    p["afile"] = d / "afile"
+    p["afile"].write_text("")
+    p["folder"] = d / "folder.wav"
+    p["folder"].mkdir()
+    p["truncated"] = d / "truncated.flac"
+    p["truncated"].write_bytes(UTT_4051.read_bytes()[:20000])
+    p["good_copy"] = d / "copy" / UTT_1089.name
+    p["good_copy"].parent.mkdir()
+    shutil.copy(UTT_1089, p["good_copy"])
+    p["locked"] = d / "locked.wav"
+    shutil.copy(UTT_1089, p["locked"])
+    p["locked"].chmod(0)
+    p["readonly"] = d / "readonly"
+    p["readonly"].mkdir()
+    p["readonly"].chmod(0o555)
+    return p
+
+
+def assert_valid_features(path: Path, audio: Path) -> None:
+    """path is cpc-features' .npz of `audio`: every array there, finite, one frame per 10 ms."""
+    got = np.load(path)
+    frames = sf.info(str(audio)).frames // 160
+    assert got["z"].shape[0] == got["c"].shape[0] == got["scores"].shape[0] == frames, path
+    assert np.isfinite(got["c"]).all() and np.isfinite(got["z"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", OFFLINE_CASES, ids=[c[0] for c in OFFLINE_CASES])
+def test_offline_bad_input(case, offline_inputs, tmp_path):
+    name, program, template, message, outputs = case
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.format(**offline_inputs, out=out) for a in template]
+    # Run as root, the command would read and write anything: without that capability, it obeys
+    # permissions (the permission rows), and every other row runs as it would for a user.
+    result = run(program, *args, preexec_fn=drop_file_override)
+    assert_one_line_error(result, program, message)
+    for npz in outputs:
+        assert_valid_features(out / npz, UTT_1089)
+    if program == "cpc-export":  # nothing written, no temporary left in the output folder
+        assert list(out.iterdir()) == []
+
+
+# Inputs that are not errors: cpc-features repairs or accepts them with one warning line, exit 0.
+OFFLINE_WARNINGS = [
+    ("features-nan-audio", "{nan}", r"nan\.wav: 3 non-finite samples \(NaN or Inf\) replaced with 0", 1),
+    ("features-empty-wav", "{empty}", r"empty\.wav: 0 samples at 16000 Hz, shorter than one 160-sample frame", 0),
+    ("features-100-samples", "{short}", r"short\.wav: 100 samples at 16000 Hz, shorter than one 160-sample", 0),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def odd_audio(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("odd_audio")
+    speech, _ = sf.read(str(UTT_1089), dtype="float32")
+    speech[[10, 2000, 30000]] = [np.nan, np.inf, -np.inf]
+    sf.write(d / "nan.wav", speech, 16000, subtype="FLOAT")
+    sf.write(d / "empty.wav", np.zeros(0, np.float32), 16000)
+    sf.write(d / "short.wav", np.full(100, 0.1, np.float32), 16000)
+    return {"nan": d / "nan.wav", "empty": d / "empty.wav", "short": d / "short.wav"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", OFFLINE_WARNINGS, ids=[c[0] for c in OFFLINE_WARNINGS])
+def test_offline_odd_audio_is_a_warning(case, odd_audio, tiny_checkpoint, tmp_path):
+    """The odd file gives one warning line and its .npz (finite; 0 frames when shorter than a hop), and
+    the good file after it is written as well."""
+    _, template, message, has_frames = case
+    src = Path(template.format(**odd_audio))
+    result = run(
+        "cpc-features", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path), str(src), str(UTT_1089)
+    )
+    assert result.code == 0 and "Traceback" not in result.stderr and len(result.lines) == 1, result.stderr
+    assert result.lines[0].startswith("cpc-features: warning: ") and re.search(message, result.lines[0])
+    got = np.load(tmp_path / f"{src.stem}.npz")
+    assert np.isfinite(got["c"]).all() and (got["c"].shape[0] > 0) == bool(has_frames)
+    assert_valid_features(tmp_path / GOOD_NPZ, UTT_1089)
+
+
+@pytest.mark.slow
+def test_offline_bad_files_among_good_ones_lose_nothing(offline_inputs, tmp_path):
+    """Good, bad, good, bad: each bad file is one error line, both good files are written and valid,
+    and a summary line says how many failed (exit 2)."""
+    files = [UTT_1089, offline_inputs["notes"], UTT_4051, offline_inputs["folder"]]
+    result = run(
+        "cpc-features", "--checkpoint", str(offline_inputs["ckpt"]), "--out", str(tmp_path), *map(str, files)
+    )
+    assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert [line.split(": error: ")[1][:22] for line in result.lines[:2]] == ["cannot read audio file"] * 2
+    assert result.lines[2:] == ["cpc-features: 2 of 4 files could not be read; the other 2 are written"]
+    assert_valid_features(tmp_path / GOOD_NPZ, UTT_1089)
+    assert_valid_features(tmp_path / "4051-11218-0044.npz", UTT_4051)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1089-134686-0001.npz", "4051-11218-0044.npz"]

@@ -1,6 +1,10 @@
 """The streaming ONNX graph equals the offline model, whatever the chunking, batch and length."""
 
 import glob
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -8,9 +12,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import MINI, UTT_1089
-from cpc_export import export as export_mod
-from cpc_export.export import check_streams, compare, export_onnx
-from cpc_training import config, train
+from cpc_export import cli, graph, proof
+from cpc_export.graph import export_onnx
+from cpc_export.proof import check_streams, compare
+from cpc_training import checkpoint, config, train
 from cpc_training.features import extract
 from cpc_training.model import CPC
 from onnx import helper
@@ -28,8 +33,8 @@ def trained(tmp_path_factory):
                              "data.window=6400", "data.workers=0", "negatives.count=16", "train.lr=2e-3",
                              "train.max_steps=15", f"train.out_dir={out}", "train.threads=1"])  # fmt: skip
     train.train(cfg, quiet=True)
-    ckpt = train.load_checkpoint(out / "checkpoint.pt")
-    model, cfg = train.model_from_checkpoint(ckpt)
+    ckpt = checkpoint.load_checkpoint(out / "checkpoint.pt")
+    model, cfg = checkpoint.model_from_checkpoint(ckpt)
     return model, cfg, out / "checkpoint.pt"
 
 
@@ -138,9 +143,9 @@ def test_rings_are_written_in_place_and_read_only_by_their_write(small_onnx):
     runtime = StreamingModel(path, providers="cpu")
     assert runtime.info.inplace_state == ("pred_history", "z_history")
     proto = onnx.load(str(path))
-    assert export_mod.inplace_states(proto, STATE_NAMES) == ("pred_history", "z_history")
+    assert graph.inplace_states(proto, STATE_NAMES) == ("pred_history", "z_history")
     proto.graph.node.append(helper.make_node("Identity", ["z_history"], ["peek"]))
-    assert export_mod.inplace_states(proto, STATE_NAMES) == ("pred_history",)
+    assert graph.inplace_states(proto, STATE_NAMES) == ("pred_history",)
 
     batch = StreamBatch(runtime, 2)
     ring, gru_h = batch.state["z_history"], batch.state["gru_h"]
@@ -302,16 +307,16 @@ def test_metadata_describes_the_state(tmp_path, trained):
 def test_cli_proves_and_writes(tmp_path, trained, capsys):
     _, _, ckpt = trained
     out = tmp_path / "ok.onnx"
-    assert export_mod.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "50"]) == 0
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "50"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "check speech: 3 streams x 50 calls: max |diff| z=" in text
 
 
 def test_cli_fails_above_tolerance_and_leaves_no_file(tmp_path, trained, capsys, monkeypatch):
     _, _, ckpt = trained
-    monkeypatch.setattr(export_mod, "TOLERANCE", {"z": 0.0, "c": 0.0, "scores": 0.0, "logprob": 0.0})
+    monkeypatch.setattr(proof, "TOLERANCE", {"z": 0.0, "c": 0.0, "scores": 0.0, "logprob": 0.0})
     out = tmp_path / "bad.onnx"
-    assert export_mod.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "20"]) == 2
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "20"]) == 2
     assert "streaming graph differs from the offline model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -337,7 +342,7 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, trained, capsys):
     for args, pattern in cases:
         if "--out" not in args:
             args = [*args, "--out", str(tmp_path / "m.onnx")]
-        assert export_mod.main(args) == 2
+        assert cli.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1
         import re
@@ -397,7 +402,7 @@ def test_int8_variant_stays_within_its_stated_tolerance_over_a_long_stream(int8_
     speech = np.concatenate([load_audio(f, 16000) for f in sorted(glob.glob(str(MINI / "*/*/*/*.flac")))])
     audio = speech[None, : 300 * 1600]
     diffs = compare(int8, model, audio)
-    assert all(diffs[k] <= export_mod.TOLERANCE_INT8[k] for k in diffs), diffs
+    assert all(diffs[k] <= proof.TOLERANCE_INT8[k] for k in diffs), diffs
     assert diffs["c"] > 1e-4, diffs
     late = compare(int8, model, audio[:, -50 * 1600 :])  # the last 5 s, restarted: same error level
     assert diffs["c"] < 3 * late["c"] + 1e-3, (diffs, late)
@@ -424,10 +429,63 @@ def test_cli_int8_is_proved_against_its_own_tolerance(tmp_path, trained, capsys,
     _, _, ckpt = trained
     out = tmp_path / "q.onnx"
     args = ["--checkpoint", str(ckpt), "--out", str(out), "--check-calls", "30", "--weights", "int8"]
-    assert export_mod.main(args) == 0
+    assert cli.main(args) == 0
     assert "wrote int8 graph" in capsys.readouterr().out and out.is_file()
     out.unlink()
-    monkeypatch.setattr(export_mod, "TOLERANCE_INT8", {"z": 1e-5, "c": 1e-5, "scores": 1e-5, "logprob": 1e-5})
-    assert export_mod.main(args) == 2
+    monkeypatch.setattr(proof, "TOLERANCE_INT8", {"z": 1e-5, "c": 1e-5, "scores": 1e-5, "logprob": 1e-5})
+    assert cli.main(args) == 2
     assert "streaming graph differs from the offline model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_proves_an_existing_graph_of_the_checkpoint(tmp_path, trained, capsys):
+    """`cpc-export --check` runs the proof on a graph already written (the same check lines) and exits 0;
+    a graph that differs from the checkpoint's model is refused with exit 2."""
+    _, _, ckpt = trained
+    graph_file = tmp_path / "m.onnx"
+    assert (
+        cli.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(graph_file),
+                "--frames-per-call",
+                "2",
+                "--check-calls",
+                "20",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli.main(["--checkpoint", str(ckpt), "--check", str(graph_file), "--check-calls", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpc-export: checking fp32 graph: F=2 W=128 dims 64/32 K=5, step 15")
+    assert lines[1].startswith("cpc-export: check random: 3 streams x 20 calls: max |diff| z=")
+    assert lines[2].startswith("cpc-export: check speech: 3 streams x 20 calls: max |diff| z=")
+    assert lines[3] == f"cpc-export: ok: {graph_file} equals {ckpt}"
+    proto = onnx.load(str(graph_file))  # the same metadata, other weights: the proof itself must fail
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.raw_data = (np.frombuffer(weight.raw_data, np.float32) * 1.5).astype(np.float32).tobytes()
+    onnx.save(proto, str(graph_file))
+    assert cli.main(["--checkpoint", str(ckpt), "--check", str(graph_file), "--check-calls", "20"]) == 2
+    assert "streaming graph differs from the offline model: random z" in capsys.readouterr().err
+
+
+def test_killed_export_leaves_nothing_in_the_output_folder(tmp_path, trained):
+    """The graph is written and proved in a private temporary folder and copied to --out only when
+    proved: SIGKILL during the proof leaves the output folder as it was (no hidden temporary)."""
+    _, _, ckpt = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "cpc_export.cli", "--checkpoint", str(ckpt), "--out", str(out / "m.onnx"),
+           "--check-calls", "10000"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    first = proc.stdout.readline()  # "wrote ...": the graph exists, the proof runs
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.startswith("cpc-export: wrote fp32 graph") and proc.returncode == -signal.SIGKILL
+    assert list(out.iterdir()) == []

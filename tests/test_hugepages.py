@@ -51,7 +51,7 @@ def test_malloc_memory_is_collapsed_into_huge_pages_where_the_kernel_allows():
 def mid_onnx(tmp_path_factory):
     """A 256/128 model: 9 MB of float32 weights, enough to fill several 2 MB pages."""
     import torch
-    from cpc_export.export import export_onnx
+    from cpc_export.graph import export_onnx
     from cpc_training import config
     from cpc_training.model import CPC
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import MINI, REPO
-from cpc_training import config, train
+from cpc_training import checkpoint, config, train
 
 from cpc_stream.errors import UserError
 
@@ -92,14 +92,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves the previous checkpoint intact."""
     path = tmp_path / "checkpoint.pt"
-    train.save_checkpoint(path, {"step": 1})
+    checkpoint.save_checkpoint(path, {"step": 1})
 
     def crash(*args, **kwargs):
         raise OSError("disk died")
 
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"step": 2})
+        checkpoint.save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=False) == {"step": 1}
 
 
@@ -146,3 +146,26 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     assert r.stdout.count("cpc-train: done: step 4") == 1  # rank 0 only
     assert len(metrics(tmp_path)) == 4
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_between_checkpoints_logs_each_step_once(tmp_path):
+    """A run SIGKILLed after logging steps its last checkpoint does not hold resumes from that checkpoint
+    and logs those steps again: metrics.jsonl keeps only the records up to the checkpoint's step, so that
+    every step appears once."""
+    steps = ["train.max_steps=30", "train.ckpt_every=10"]
+    cmd = [sys.executable, "-m", "cpc_training.train", "--quiet", *TINY, f"train.out_dir={tmp_path}", *steps]
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    log, logged = tmp_path / "metrics.jsonl", 0
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not 13 <= logged <= 16:
+        logged = len(log.read_text().splitlines()) if log.exists() else 0
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    at_kill = [r["step"] for r in metrics(tmp_path)]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    assert saved == 10 and max(at_kill) > saved  # steps after the checkpoint were logged, then lost
+    train.train(tiny(tmp_path, *steps), quiet=True)
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 31))

@@ -13,6 +13,7 @@ from cpc_stream.errors import UserError
 
 from . import config as config_mod
 from . import train as train_mod
+from .checkpoint import load_checkpoint, model_from_checkpoint
 
 GRIDS = {
     "steps": [(f"steps={k}", [f"model.n_steps={k}"]) for k in (2, 4, 8, 12, 16)],
@@ -48,7 +49,7 @@ def run_ablation(args) -> int:
             slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace(".", "").replace("=", "")
             cfg = config_mod.load(args.config, [*args.overrides, *overrides, f"train.out_dir={out / slug}"])
             summary = train_mod.train(cfg, quiet=True)
-            model, _ = train_mod.model_from_checkpoint(train_mod.load_checkpoint(summary["checkpoint"]))
+            model, _ = model_from_checkpoint(load_checkpoint(summary["checkpoint"]))
             acc = probe_accuracy(
                 "phone", "cpc", split_features("cpc", model.to(device), data, device), data, args, device
             )

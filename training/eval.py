@@ -38,11 +38,11 @@ from cpc_stream.errors import UserError, run_cli
 from cpc_stream.probe import LinearProbe
 
 from . import config as config_mod
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import SAMPLE_RATE
 from .data import Utterance, check_labels, read_phone_labels, read_split, scan_librispeech, select_ids
 from .model import CPC
 from .probe import fit_linear_probe, save_probe
-from .train import load_checkpoint, model_from_checkpoint
 
 PAPER = {  # Table 1: phone / speaker accuracy (%)
     "random": (27.6, 1.87),

@@ -55,11 +55,22 @@ class Encoder(nn.Module):
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (batch, samples) -> z (batch, samples // 160, dim). Trailing samples short of a hop are dropped."""
-        n = wav.shape[-1] // HOP * HOP
-        x = wav[:, None, :n]
-        for conv, norm, k, s in zip(self.convs, self.norms, KERNELS, STRIDES, strict=True):
-            x = torch.relu(norm(conv(F.pad(x, (k - s, 0)))))
-        return x.transpose(1, 2)
+        return self.chunk(wav[:, : wav.shape[-1] // HOP * HOP], None)[0]
+
+    def chunk(
+        self, wav: torch.Tensor, context: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder on one piece of a longer audio, after the pieces that left `context` (None: the
+        start, where every layer sees zeros, its left padding). wav (batch, samples), a whole number of
+        160-sample hops (at least one) -> z (batch, samples // 160, dim) and the context for the next
+        piece: each layer's last kernel - stride input steps, (batch, channels, kernel - stride). Pieces
+        give the frames of the whole audio run at once (to float rounding)."""
+        x, new_context = wav[:, None, :], []
+        for i, (conv, norm, k, s) in enumerate(zip(self.convs, self.norms, KERNELS, STRIDES, strict=True)):
+            x = F.pad(x, (k - s, 0)) if context is None else torch.cat([context[i], x], dim=-1)
+            new_context.append(x[..., x.shape[-1] - (k - s) :].clone())  # a copy: x itself can be freed
+            x = torch.relu(norm(conv(x)))
+        return x.transpose(1, 2), new_context
 
 
 class CPC(nn.Module):
@@ -93,6 +104,9 @@ class CPC(nn.Module):
         return {"cosine": 1.0 / self.cfg.temperature, "dot": 1.0, "dot_scaled": 1.0 / self.cfg.enc_dim}[
             self.cfg.score
         ]
+
+
+MAX_WINDOW = 4096  # the largest negatives window the tools accept (frames: 41 s)
 
 
 def prediction_scores(

@@ -13,10 +13,10 @@ import torch
 from cpc_stream.audio import load_audio
 from cpc_stream.errors import UserError
 
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .config import SAMPLE_RATE
 from .data import WindowBatches, read_split, scan_librispeech, select_ids
 from .loss import info_nce, sample_negatives
-from .train import load_checkpoint, model_from_checkpoint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

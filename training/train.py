@@ -31,14 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cpc_stream.errors import UserError, run_cli
+from cpc_stream.files import atomic_write
 
 from . import config as config_mod
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import HOP, Config
 from .data import WindowBatches, read_split, scan_librispeech, select_ids
 from .loss import info_nce, sample_negatives
 from .model import CPC
-
-CHECKPOINT = "checkpoint.pt"
 
 
 class TrainStep(nn.Module):
@@ -57,41 +57,22 @@ def step_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the old one (atomic on POSIX)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a cpc-train checkpoint; a missing, truncated or foreign file is a one-line UserError."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {p} not found")
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise UserError(
-            f"checkpoint {p} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"checkpoint {p} is not a cpc-train checkpoint (no model/config/step)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> tuple[CPC, Config]:
-    """Rebuild the model a checkpoint was trained with, in eval mode on the CPU."""
-    cfg = config_mod.from_dict(ckpt["config"])
-    model = CPC(cfg.model)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit its own config: {str(e).splitlines()[0]}") from None
-    return model.eval(), cfg
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the records of `path` (metrics.jsonl) up to `step`, the checkpoint's: a run killed after its
+    last checkpoint logged steps that the resumed run logs again. A line cut short by the kill goes too.
+    The file is rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+    with atomic_write(path) as f:
+        f.write("".join(kept).encode())
 
 
 def validate(cfg: Config) -> None:
@@ -162,6 +143,7 @@ def train(cfg: Config, quiet: bool = False) -> dict:
         if main_proc and not quiet:
             print(f"cpc-train: resuming {ckpt_path} at step {step}", file=sys.stderr)
     if main_proc:
+        trim_metrics(out / "metrics.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     net: nn.Module = TrainStep(model)

@@ -1,0 +1,115 @@
+"""The streaming ONNX graph of a CPC model: torch export of export/streaming.py's step, then the float
+graph's own surgery, the metadata, and (--weights int8) quantize.py.
+
+    info = export_onnx(model, cfg, train_step, "cpc.onnx", frames_per_call=4, window=128)
+
+The graph's inputs, outputs, state and metadata are docs/onnx-contract.md; proof.py checks a written
+graph against the offline model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from cpc_training.config import HOP, SAMPLE_RATE, Config
+from cpc_training.model import CPC
+
+import cpc_stream
+from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo
+
+from .quantize import quantize_int8
+from .streaming import StreamingCPC, state_shapes, zero_state
+
+
+def keep_layer_norm_unfused(proto: onnx.ModelProto) -> int:
+    """Spell the Add in front of each LayerNormalization as the equivalent Sum, so that onnxruntime does
+    not fuse the pair into SkipLayerNormalization, which measured several times slower than the two
+    nodes it replaces at the encoder's shapes (docs/benchmarks.md). Returns how many were changed."""
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    changed = 0
+    for node in proto.graph.node:
+        add = producers.get(node.input[0]) if node.op_type == "LayerNormalization" else None
+        if add is not None and add.op_type == "Add":
+            add.op_type = "Sum"
+            changed += 1
+    return changed
+
+
+def inplace_states(proto: onnx.ModelProto, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The states a runtime may update in place: those whose input is read by one node only, a ScatterND
+    that writes new_<name> (onnxruntime's ScatterND skips its copy when its output is its input's
+    buffer). Any other reader could run after the write and see the new values."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for i in set(node.input):
+            readers.setdefault(i, []).append(node)
+    return tuple(
+        n
+        for n in names
+        if [(r.op_type, r.input[0], r.output[0]) for r in readers.get(n, [])]
+        == [("ScatterND", n, f"new_{n}")]
+    )
+
+
+def export_onnx(
+    model: CPC,
+    cfg: Config,
+    train_step: int,
+    path: Path,
+    frames_per_call: int,
+    window: int,
+    weights: str = "fp32",
+) -> ModelInfo:
+    """Export the streaming step of `model` to `path` with its metadata; returns that metadata.
+    weights: "fp32", or "int8" (the GRU spelt out as matrix products, then quantize_int8)."""
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_KINDS)}")
+    int8 = weights == "int8"
+    step = StreamingCPC(model, frames_per_call, window, gru_as_matmuls=int8).eval()
+    example = (torch.zeros(2, frames_per_call * HOP), *zero_state(model, window, frames_per_call, 2))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = {"audio": {0: batch}, "state": tuple({0: batch} for _ in STATE_NAMES)}
+    # The exporter narrates its passes and warns about GRU weight attributes it handles correctly.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):  # notes on every pass and rewrite they apply
+            logging.getLogger(name).setLevel(logging.ERROR)
+        program = torch.onnx.export(
+            step, example, None, dynamo=True, external_data=False, verbose=False,
+            input_names=["audio", *STATE_NAMES],
+            output_names=[*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)],
+            dynamic_shapes=dynamic,
+        )  # fmt: skip
+    proto = program.model_proto
+    keep_layer_norm_unfused(proto)
+    gru = [n for n in proto.graph.node if n.op_type == "GRU"]
+    lbr = [a.i for n in gru for a in n.attribute if a.name == "linear_before_reset"]
+    # pytorch#189225: some exporters dropped linear_before_reset, giving silently wrong numbers. The int8
+    # graph has no GRU node: its GRU is spelt out as products and gates.
+    if lbr != ([] if int8 else [1]):
+        raise RuntimeError(
+            f"exported GRU lacks linear_before_reset=1 (found {lbr}); upgrade onnxscript to >= 0.7.1"
+        )
+    if any(n.op_type in ("If", "Loop", "Scan") for n in proto.graph.node):
+        raise RuntimeError("exported graph has control flow; the streaming step must be a straight graph")
+    info = ModelInfo(
+        sample_rate=SAMPLE_RATE, hop=HOP, frames_per_call=frames_per_call,
+        enc_dim=cfg.model.enc_dim, ctx_dim=cfg.model.ctx_dim, n_steps=cfg.model.n_steps, neg_window=window,
+        score=cfg.model.score, temperature=cfg.model.temperature, norm=cfg.model.norm,
+        state_shapes=state_shapes(model, window, frames_per_call), config_hash=cfg.model_hash(), train_step=train_step,
+        exported_by=f"cpc-stream {cpc_stream.__version__}, torch {torch.__version__}", weights=weights,
+    )  # fmt: skip
+    if int8:
+        proto = quantize_int8(proto, frames_per_call)
+    info = dataclasses.replace(info, inplace_state=inplace_states(proto, STATE_NAMES))
+    onnx.helper.set_model_props(proto, info.to_metadata())
+    proto.doc_string = "Causal CPC streaming step; see docs/onnx-contract.md of cpc-stream"
+    onnx.save(proto, str(path))
+    return info
