@@ -18,17 +18,22 @@ from cpc_training.config import HOP, STRIDES
 
 INT8_BLOCK = 128  # weights share one scale per block of 128 along the input axis
 ROWWISE_MIN_ROWS = 4  # products with at least this many rows per stream and call use the row-wise kernel
+# The row-wise kernel's weights use 7 bits. On x86 CPUs without VNNI (AVX2 only), onnxruntime's uint8 x
+# int8 GEMM adds pairs of products in 16 bits with saturation (vpmaddubsw): 2 x 255 x 127 overflows and
+# the graph's error grew 5-fold (z 0.31 against 0.07 on speech, tests/test_export.py). With 63,
+# 2 x 255 x 63 = 32130 fits, on every CPU (onnxruntime's quantizer calls this reduce_range).
+WEIGHT_MAX = 63.0
 
 
 def rowwise_uint8_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray) -> list:
     """Nodes computing node's MatMul(a, weight) for a >= 0 (a ReLU output) in 8 bits: each row of `a`
     quantised to uint8 with its own scale (max / 255; one QuantizeLinear block per row, opset 21),
-    weight to int8 with one scale per output column, onnxruntime's integer GEMM, then both scales
-    applied. Adds the constants to `graph`."""
+    weight to 7 bits (int8 in [-WEIGHT_MAX, WEIGHT_MAX]) with one scale per output column,
+    onnxruntime's integer GEMM, then both scales applied. Adds the constants to `graph`."""
     from onnx import TensorProto, helper, numpy_helper
 
     a, name = node.input[0], node.name
-    w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / 127.0  # (N,)
+    w_scale = np.maximum(np.abs(weight).max(axis=0), 1e-30) / WEIGHT_MAX  # (N,)
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.round(weight / w_scale).astype(np.int8), f"{name}_w_int8"),
