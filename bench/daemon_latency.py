@@ -6,8 +6,8 @@ For each F (frames per call) it exports the paper-size model (random init: the c
 the weights), writes --seconds of real speech (the bundled utterances, repeated), and:
 1. runs `cpc-stream --file --realtime` (10 ms blocks, like a microphone) with a subscriber in this
    process, and prints the capture-to-receipt latency of the c_t messages (p50, p99, max);
-2. runs the daemon as fast as possible and compares its throughput with the bare engine loop
-   (StreamingModel.step over the same audio in this process): the ratio is what the daemon adds.
+2. runs the daemon as fast as possible and compares its throughput with the bare model loop
+   (OnnxModel.step over the same audio in this process): the ratio is what the daemon adds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import soundfile as sf
 
 from cpc_stream.audio import load_audio
 from cpc_stream.client import Subscriber
-from cpc_stream.engine import StreamingModel
+from cpc_stream.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -64,7 +64,7 @@ def run_daemon(model: Path, audio: Path, port: int, realtime: bool) -> tuple[lis
 
 
 def bare_loop(model: Path, audio: Path) -> float:
-    m = StreamingModel(model, providers="cpu", threads=1, huge_pages=True)
+    m = OnnxModel(model, providers="cpu", threads=1, huge_pages=True)
     wav = sf.read(str(audio), dtype="float32")[0]
     n = m.info.samples_per_call
     state = m.zero_state(1)
@@ -97,7 +97,7 @@ def main() -> None:
             bare.append(bare_loop(model, audio))
         fast_s, bare_s = float(np.median(fast)), float(np.median(bare))
         print(f"F={f:<2} as fast as possible (median of {args.repeats}): daemon {args.seconds / fast_s:.1f}x real time "
-              f"({fast_s:.2f} s), bare engine loop {args.seconds / bare_s:.1f}x ({bare_s:.2f} s); "
+              f"({fast_s:.2f} s), bare model loop {args.seconds / bare_s:.1f}x ({bare_s:.2f} s); "
               f"daemon/bare time ratio {fast_s / bare_s:.3f}")  # fmt: skip
 
 

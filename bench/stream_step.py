@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from cpc_stream.engine import StreamBatch, StreamingModel
+from cpc_stream.onnx_model import OnnxModel, StreamBatch
 
 
 class Floor:
@@ -59,7 +59,7 @@ class Floor:
         return self.n**3 / float(np.min(times))
 
 
-def macs_per_frame(m: StreamingModel) -> int:
+def macs_per_frame(m: OnnxModel) -> int:
     """Multiply-adds the model needs per 10 ms frame and stream (convs, GRU, predictors, scores)."""
     i = m.info
     per_hop_out = [32, 8, 4, 2, 1]  # conv outputs per 160-sample hop
@@ -72,7 +72,7 @@ def macs_per_frame(m: StreamingModel) -> int:
     return conv + gru + pred + scores
 
 
-def time_calls(m: StreamingModel, batch: int, calls: int, paced: bool) -> np.ndarray:
+def time_calls(m: OnnxModel, batch: int, calls: int, paced: bool) -> np.ndarray:
     """Seconds per call of StreamBatch.step, the daemon's path (state bound once, never copied)."""
     rng = np.random.default_rng(1)
     audio = [rng.standard_normal((batch, m.info.samples_per_call)).astype(np.float32) * 0.1 for _ in range(8)]
@@ -138,7 +138,7 @@ def main() -> None:
         f"{'weights':>7} {'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7} {'floor GFLOP/s':>13}"
     )
     for path in paths:
-        m = StreamingModel(path, providers="cpu", threads=args.threads, huge_pages=True)
+        m = OnnxModel(path, providers="cpu", threads=args.threads, huge_pages=True)
         f = m.info.frames_per_call
         for b in (int(x) for x in args.batches.split(",")):
             for paced in (False, True):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from cpc_export.streaming import StreamingCPC, zero_state
+from cpc_export.step import CPCStep, zero_state
 from cpc_training.config import Config
 from cpc_training.model import CPC
 
@@ -47,7 +47,7 @@ def main() -> None:
     model = CPC(cfg.model).eval().to(dev)
 
     # Correctness on the GPU: 50 calls of F=4 for 3 streams against the offline model.
-    step = StreamingCPC(model, 4, 128).to(dev).eval()
+    step = CPCStep(model, 4, 128).to(dev).eval()
     audio = torch.randn(3, 50 * 640, device=dev) * 0.1
     state = [s.to(dev) for s in zero_state(model, 128, 4, 3)]
     cs = []
@@ -62,7 +62,7 @@ def main() -> None:
 
     print(f"{'F':>3} {'B':>5} {'mode':>6} {'ms/call':>8} {'us/frame/stream':>15} {'real-time streams':>17}")
     for f in (int(x) for x in args.frames.split(",")):
-        step = StreamingCPC(model, f, 128).to(dev).eval()
+        step = CPCStep(model, f, 128).to(dev).eval()
         for b in (int(x) for x in args.batches.split(",")):
             audio = torch.randn(b, f * 160, device=dev) * 0.1
             state = [s.to(dev) for s in zero_state(model, 128, f, b)]

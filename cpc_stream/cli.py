@@ -22,11 +22,12 @@ import signal
 import sys
 from pathlib import Path
 
-from . import config as config_mod
+from . import daemon_config
+from .contract import SAMPLE_RATE
 from .daemon import Daemon
-from .engine import StreamingModel
 from .errors import UserError, run_cli, setup_logging
-from .sources import RATE, STDIN_FORMATS, FileSource, MicSource, StdinSource, list_devices
+from .onnx_model import OnnxModel
+from .sources import STDIN_FORMATS, FileSource, MicSource, StdinSource, list_devices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             value = getattr(args, flag)
             if value is not None:
                 overrides.append(f"stream.{flag}={str(value).lower() if isinstance(value, bool) else value}")
-        cfg = config_mod.load(path, overrides).stream
-        model = StreamingModel(cfg.model, providers=cfg.providers, threads=cfg.threads, huge_pages=True)
+        cfg = daemon_config.load(path, overrides).stream
+        model = OnnxModel(cfg.model, providers=cfg.providers, threads=cfg.threads, huge_pages=True)
         sources = sources_from_args(args, cfg.queue_seconds)
         daemon = Daemon(cfg, model, sources, wait_subscribers=args.wait_subscribers)
         signals = []
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.close()
         for r in daemon.rows:
             s = r.source.stats
-            extra = f", dropped {s.dropped_samples / RATE:.2f} s of input" if s.dropped_samples else ""
+            extra = f", dropped {s.dropped_samples / SAMPLE_RATE:.2f} s of input" if s.dropped_samples else ""
             extra += f", {s.nonfinite} non-finite input samples replaced with 0" if s.nonfinite else ""
             print(f"cpc-stream: {r.name}: {r.frames} frames, ended: {r.ended}{extra}", file=sys.stderr)
         return status

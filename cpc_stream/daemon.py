@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__, protocol
-from .config import StreamSection
-from .engine import StreamBatch, StreamingModel
+from .contract import SAMPLE_RATE
+from .daemon_config import StreamSection
 from .errors import UserError
+from .onnx_model import OnnxModel, StreamBatch
 from .publisher import Publisher
-from .sources import RATE, Source, SourceBuffer
+from .sources import Source, SourceBuffer
 
 log = logging.getLogger("cpc.stream")
 
@@ -54,11 +55,11 @@ class Daemon:
     """Serve every source as one stream of the batch; publish frames, metadata, statistics and eos."""
 
     def __init__(
-        self, cfg: StreamSection, model: StreamingModel, sources: list[Source], wait_subscribers: int = 0
+        self, cfg: StreamSection, model: OnnxModel, sources: list[Source], wait_subscribers: int = 0
     ):
-        if model.info.sample_rate != RATE:
+        if model.info.sample_rate != SAMPLE_RATE:
             raise UserError(
-                f"the model expects {model.info.sample_rate} Hz audio; the sources deliver {RATE} Hz"
+                f"the model expects {model.info.sample_rate} Hz audio; the sources deliver {SAMPLE_RATE} Hz"
             )
         names = [s.name for s in sources]
         if len(set(names)) != len(names):
@@ -71,7 +72,7 @@ class Daemon:
         self.wakeup = threading.Event()
         self.stop_requested = threading.Event()
         self.stop_now = threading.Event()
-        capacity = int(cfg.queue_seconds * RATE) + model.info.samples_per_call
+        capacity = int(cfg.queue_seconds * SAMPLE_RATE) + model.info.samples_per_call
         self.rows = [BatchRow(s, SourceBuffer(capacity, self.wakeup)) for s in sources]
         self.batch = StreamBatch(model, len(sources))
         self._meta_frames: list[bytes] | None = None
@@ -116,8 +117,8 @@ class Daemon:
                 r.name: {
                     "epoch": r.epoch,
                     "frames": r.frames,
-                    "queued_s": round(r.buffer.available / RATE, 3),
-                    "dropped_s": round(r.source.stats.dropped_samples / RATE, 3),
+                    "queued_s": round(r.buffer.available / SAMPLE_RATE, 3),
+                    "dropped_s": round(r.source.stats.dropped_samples / SAMPLE_RATE, 3),
                     "overflows": r.source.stats.overflows,
                     "nonfinite": r.source.stats.nonfinite,
                     "ended": r.ended or r.buffer.ended or None,
@@ -164,7 +165,7 @@ class Daemon:
                 self.publish_frames(r, {name: v[k, :count] for name, v in out.items()}, t_mono, t_wall)
             except Exception as e:  # this stream only (a message that cannot be built or sent)
                 self.end_row(r, f"error: cannot publish: {_first_line(e)}")
-            self.audio_s += count * hop / RATE
+            self.audio_s += count * hop / SAMPLE_RATE
             if r.source.stats.nonfinite > r.nonfinite_reported:
                 if not r.nonfinite_reported:
                     log.warning("stream %s: its input holds NaN or Inf samples; they are replaced with 0 "
@@ -200,7 +201,7 @@ class Daemon:
         r.ended = reason
         eos = {
             "instance": self.instance, "epoch": r.epoch, "frames": r.frames, "reason": reason,
-            "last_seq": {k: v - 1 for k, v in r.seq.items()}, "dropped_s": round(dropped / RATE, 4),
+            "last_seq": {k: v - 1 for k, v in r.seq.items()}, "dropped_s": round(dropped / SAMPLE_RATE, 4),
             "nonfinite": r.source.stats.nonfinite,
         }  # fmt: skip
         try:

@@ -28,7 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
-from .config import StreamSection
+from .daemon_config import StreamSection
 from .errors import UserError
 from .security import LoggingAuthenticator, check_security, start_authenticator
 

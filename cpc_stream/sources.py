@@ -24,9 +24,9 @@ import numpy as np
 import soundfile as sf
 
 from .audio import Resampler, open_audio
+from .contract import SAMPLE_RATE
 from .errors import UserError
 
-RATE = 16000
 STOP_POLL_S = 0.1  # the longest a source thread waits without looking at its stop flag
 
 
@@ -103,7 +103,7 @@ class SourceBuffer:
             while self._marks and self._marks[0][0] < end:
                 self._marks.popleft()
             mark_end, t_mono, t_wall = self._marks[0] if self._marks else (end, time.monotonic(), time.time())
-            lag = (mark_end - end) / RATE  # the last taken sample was captured this much earlier
+            lag = (mark_end - end) / SAMPLE_RATE  # the last taken sample was captured this much earlier
             t_mono = max(t_mono - lag, self._last_stamp[0])
             t_wall = max(t_wall - lag, self._last_stamp[1])
             self._last_stamp = (t_mono, t_wall)
@@ -168,7 +168,7 @@ class FileSource(Source):
         # Paced: 10 ms blocks, like a microphone's; otherwise large blocks for throughput.
         block_seconds = block_seconds or (0.01 if realtime else 0.25)
         self.block = max(1, int(self.file.samplerate * block_seconds))
-        self.resample = Resampler(self.file.samplerate, RATE)
+        self.resample = Resampler(self.file.samplerate, SAMPLE_RATE)
 
     def run(self) -> str:
         start, done, rate = time.monotonic(), 0, self.file.samplerate
@@ -228,7 +228,7 @@ class StdinSource(Source):
         self.dtype, self.channels = np.dtype(STDIN_FORMATS[fmt]), channels
         self.frame_bytes = self.dtype.itemsize * channels
         self.block_bytes = max(1, int(rate * block_seconds)) * self.frame_bytes
-        self.resample = Resampler(rate, RATE)
+        self.resample = Resampler(rate, SAMPLE_RATE)
         self.stream = stream or sys.stdin.buffer
         try:
             self.fd: int | None = self.stream.fileno()
@@ -300,7 +300,7 @@ class MicSource(Source):
         self.device = info["index"] if isinstance(info, dict) and "index" in info else dev
         self.rate = int(info["default_samplerate"])
         self.channels = max(1, min(int(info["max_input_channels"]), 2))
-        self.resample = Resampler(self.rate, RATE)
+        self.resample = Resampler(self.rate, SAMPLE_RATE)
         self.raw: collections.deque = collections.deque()
         self.max_raw_blocks = max(4, int(queue_seconds * 100))  # blocks of ~10 ms
         self.device_name = info["name"]
@@ -310,7 +310,7 @@ class MicSource(Source):
         if status.input_overflow:
             self.stats.overflows += 1
         if len(self.raw) >= self.max_raw_blocks:
-            self.stats.dropped_samples += frames * RATE // self.rate
+            self.stats.dropped_samples += frames * SAMPLE_RATE // self.rate
             return
         self.raw.append((indata.copy(), time.monotonic(), time.time()))
 

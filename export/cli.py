@@ -23,9 +23,10 @@ from cpc_training.checkpoint import load_checkpoint, model_from_checkpoint
 from cpc_training.model import MAX_WINDOW
 
 from cpc_stream.audio import open_audio
-from cpc_stream.engine import WEIGHT_KINDS, ModelInfo, StreamingModel
+from cpc_stream.contract import WEIGHT_KINDS, ModelInfo
 from cpc_stream.errors import UserError, run_cli
 from cpc_stream.files import atomic_write, check_writable
+from cpc_stream.onnx_model import OnnxModel
 
 from .graph import export_onnx
 from .proof import DEFAULT_CHECK_AUDIO, prove
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = model_from_checkpoint(ckpt)
         if out is None:
             path = Path(args.check)
-            info = StreamingModel(path, providers="cpu", threads=1).info
+            info = OnnxModel(path, providers="cpu", threads=1).info
             if (info.config_hash, info.train_step) != (cfg.model_hash(), ckpt["step"]):
                 raise UserError(
                     f"{path} was exported from config {info.config_hash} step {info.train_step}, not from "

@@ -1,4 +1,4 @@
-"""The streaming ONNX graph of a CPC model: torch export of export/streaming.py's step, then the float
+"""The streaming ONNX graph of a CPC model: torch export of export/step.py's CPCStep, then the float
 graph's own surgery, the metadata, and (--weights int8) quantize.py.
 
     info = export_onnx(model, cfg, train_step, "cpc.onnx", frames_per_call=4, window=128)
@@ -22,10 +22,10 @@ from cpc_training.config import HOP, SAMPLE_RATE, Config
 from cpc_training.model import CPC
 
 import cpc_stream
-from cpc_stream.engine import OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo
+from cpc_stream.contract import AUDIO, OUTPUT_NAMES, STATE_NAMES, WEIGHT_KINDS, ModelInfo
 
 from .quantize import quantize_int8
-from .streaming import StreamingCPC, state_shapes, zero_state
+from .step import CPCStep, layout, state_shapes, zero_state
 
 
 def keep_layer_norm_unfused(proto: onnx.ModelProto) -> int:
@@ -72,10 +72,10 @@ def export_onnx(
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights {weights!r}: expected one of {', '.join(WEIGHT_KINDS)}")
     int8 = weights == "int8"
-    step = StreamingCPC(model, frames_per_call, window, gru_as_matmuls=int8).eval()
+    step = CPCStep(model, frames_per_call, window, gru_as_matmuls=int8).eval()
     example = (torch.zeros(2, frames_per_call * HOP), *zero_state(model, window, frames_per_call, 2))
     batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = {"audio": {0: batch}, "state": tuple({0: batch} for _ in STATE_NAMES)}
+    dynamic = {"audio": {0: batch}, "state": tuple({0: batch} for _ in STATE_NAMES)}  # forward's arguments
     # The exporter narrates its passes and warns about GRU weight attributes it handles correctly.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,7 +83,7 @@ def export_onnx(
             logging.getLogger(name).setLevel(logging.ERROR)
         program = torch.onnx.export(
             step, example, None, dynamo=True, external_data=False, verbose=False,
-            input_names=["audio", *STATE_NAMES],
+            input_names=[AUDIO, *STATE_NAMES],
             output_names=[*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)],
             dynamic_shapes=dynamic,
         )  # fmt: skip
@@ -108,7 +108,12 @@ def export_onnx(
     )  # fmt: skip
     if int8:
         proto = quantize_int8(proto, frames_per_call)
-    info = dataclasses.replace(info, inplace_state=inplace_states(proto, STATE_NAMES))
+    declared = tuple(s.name for s in layout(model, window, frames_per_call) if s.inplace)
+    if inplace_states(proto, STATE_NAMES) != declared:  # the contract says so: the graph must allow it
+        raise RuntimeError(
+            f"the graph does not let {', '.join(declared)} be updated in place (another node reads them)"
+        )
+    info = dataclasses.replace(info, inplace_state=declared)
     onnx.helper.set_model_props(proto, info.to_metadata())
     proto.doc_string = "Causal CPC streaming step; see docs/onnx-contract.md of cpc-stream"
     onnx.save(proto, str(path))

@@ -18,8 +18,9 @@ from cpc_training.config import SAMPLE_RATE
 from cpc_training.model import CPC, prediction_scores
 
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import OUTPUT_NAMES, StreamBatch, StreamingModel
+from cpc_stream.contract import OUTPUT_NAMES
 from cpc_stream.errors import UserError
+from cpc_stream.onnx_model import OnnxModel, StreamBatch
 
 # LibriSpeech test-clean 1089-134686-0000 (10.4 s, CC BY 4.0; the same file as in data/librispeech-mini),
 # shipped inside the package so that an installed cpc-export can prove a graph from any folder.
@@ -51,7 +52,7 @@ def compare(path: Path, model: CPC, audio: np.ndarray) -> dict[str, float]:
     """Run the graph hop by hop on each row of `audio` as the daemon does (StreamBatch: state bound once,
     rings updated in place) and the model offline on the whole rows; return the max abs difference of
     each output (NaN positions must agree)."""
-    runtime = StreamingModel(path, providers="cpu", threads=1)
+    runtime = OnnxModel(path, providers="cpu", threads=1)
     n = runtime.info.samples_per_call
     streams = StreamBatch(runtime, audio.shape[0])
     got: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
@@ -78,7 +79,7 @@ def prove(path: Path, model: CPC, check_audio: Path = DEFAULT_CHECK_AUDIO, calls
     """Compare graph `path` with `model` on the random streams and on `check_audio`'s speech streams, each
     3 streams x `calls` calls; print one `cpc-export: check ...` line per set of streams. Raises UserError
     naming every output above its tolerance (TOLERANCE, or TOLERANCE_INT8 for an int8 graph)."""
-    info = StreamingModel(path, providers="cpu", threads=1).info
+    info = OnnxModel(path, providers="cpu", threads=1).info
     tolerance = TOLERANCE_INT8 if info.weights == "int8" else TOLERANCE
     failed = []
     for label, audio_file in (("random", None), ("speech", Path(check_audio))):

@@ -21,8 +21,9 @@ from cpc_training.model import CPC
 from onnx import helper
 
 from cpc_stream.audio import load_audio
-from cpc_stream.engine import STATE_NAMES, Stream, StreamBatch, StreamingModel
+from cpc_stream.contract import OUTPUT_NAMES, STATE_NAMES
 from cpc_stream.errors import UserError
+from cpc_stream.onnx_model import ChunkedStream, OnnxModel, StreamBatch
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +58,11 @@ def test_graph_matches_offline_model_over_many_calls(tmp_path, trained, frames_p
 
 
 def test_every_real_utterance_streams_to_its_offline_features(tmp_path, trained):
-    """All 13 shared utterances (up to 35 s, i.e. thousands of frames: no drift) as one batch of streams."""
+    """All 13 shared utterances (up to 15.7 s, i.e. 1,500+ frames: no drift) as one batch of streams."""
     model, cfg, _ = trained
     path = tmp_path / "m.onnx"
     export_onnx(model, cfg, 15, path, 10, 32)
-    runtime = StreamingModel(path, providers="cpu")
+    runtime = OnnxModel(path, providers="cpu")
     files = sorted(glob.glob(str(MINI / "*/*/*/*.flac")))
     assert len(files) == 13
     wavs = [load_audio(f, 16000) for f in files]
@@ -84,11 +85,11 @@ def test_any_chunking_and_reset_give_the_offline_result(tmp_path, trained):
     model, cfg, _ = trained
     path = tmp_path / "m.onnx"
     export_onnx(model, cfg, 15, path, 4, 16)
-    runtime = StreamingModel(path, providers="cpu")
+    runtime = OnnxModel(path, providers="cpu")
     wav = load_audio(UTT_1089, 16000)
     wav = wav[: len(wav) // 640 * 640]  # whole calls of F=4 hops
     ref = extract(model, wav, 16)
-    stream = Stream(runtime)
+    stream = ChunkedStream(runtime)
     rng = np.random.default_rng(0)
     pieces, pos = [], 0
     while pos < len(wav):
@@ -111,10 +112,10 @@ def test_any_chunking_and_reset_give_the_offline_result(tmp_path, trained):
 
 
 def test_stream_batch_equals_step_with_the_state_threaded_through(small_onnx):
-    """StreamBatch (state bound once, double-buffered) gives exactly what StreamingModel.step gives with
+    """StreamBatch (state bound once, double-buffered) gives exactly what OnnxModel.step gives with
     the state passed back in, across 60 calls, a reset of one stream and a write into its state."""
     path, model = small_onnx
-    runtime = StreamingModel(path, providers="cpu")
+    runtime = OnnxModel(path, providers="cpu")
     audio = check_streams(model, UTT_1089, 60, runtime.info.samples_per_call)
     n = runtime.info.samples_per_call
     batch, state = StreamBatch(runtime, 3), runtime.zero_state(3)
@@ -136,11 +137,11 @@ def test_stream_batch_equals_step_with_the_state_threaded_through(small_onnx):
 def test_rings_are_written_in_place_and_read_only_by_their_write(small_onnx):
     """cpc-export declares both rings in place, because in its graph each ring input is read only by the
     ScatterND writing its new slots; StreamBatch then binds one buffer as input and output, so a call
-    writes into it instead of copying the ring (equality with StreamingModel.step, which never aliases,
+    writes into it instead of copying the ring (equality with OnnxModel.step, which never aliases,
     is test_stream_batch_equals_step_with_the_state_threaded_through). A graph in which another node
     reads a ring before or after the write is not declared in place."""
     path, _ = small_onnx
-    runtime = StreamingModel(path, providers="cpu")
+    runtime = OnnxModel(path, providers="cpu")
     assert runtime.info.inplace_state == ("pred_history", "z_history")
     proto = onnx.load(str(path))
     assert graph.inplace_states(proto, STATE_NAMES) == ("pred_history", "z_history")
@@ -198,10 +199,10 @@ def _plain_graph(path, meta):
 def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
     _plain_graph(tmp_path / "a.onnx", {})
     with pytest.raises(UserError, match="not a cpc-stream model"):
-        StreamingModel(tmp_path / "a.onnx")
+        OnnxModel(tmp_path / "a.onnx")
     _plain_graph(tmp_path / "b.onnx", {"cpc_stream.format": "cpc-stream-onnx/99"})
     with pytest.raises(UserError, match="format 'cpc-stream-onnx/99' is not supported"):
-        StreamingModel(tmp_path / "b.onnx")
+        OnnxModel(tmp_path / "b.onnx")
     model, cfg, _ = trained
     export_onnx(model, cfg, 15, tmp_path / "c.onnx", 1, 8)
     proto = onnx.load(str(tmp_path / "c.onnx"))
@@ -210,10 +211,10 @@ def test_loader_refuses_unknown_or_incomplete_metadata(tmp_path, trained):
     proto.metadata_props.extend(kept)
     onnx.save(proto, str(tmp_path / "c.onnx"))
     with pytest.raises(UserError, match="metadata key 'neg_window' is missing"):
-        StreamingModel(tmp_path / "c.onnx")
+        OnnxModel(tmp_path / "c.onnx")
     (tmp_path / "d.onnx").write_bytes(b"not a graph")
     with pytest.raises(UserError, match="d.onnx is not a loadable ONNX graph"):
-        StreamingModel(tmp_path / "d.onnx")
+        OnnxModel(tmp_path / "d.onnx")
 
 
 def _graph_with_other_state(path, state_names, counter_dtype=np.int64, inplace=()):
@@ -223,7 +224,7 @@ def _graph_with_other_state(path, state_names, counter_dtype=np.int64, inplace=(
     from onnx import TensorProto as T
     from onnx import numpy_helper
 
-    from cpc_stream.engine import ModelInfo
+    from cpc_stream.contract import ModelInfo
 
     counter_type = helper.np_dtype_to_tensor_dtype(np.dtype(counter_dtype))
     const = [numpy_helper.from_array(np.array(v, dtype=d), n) for n, v, d in [
@@ -258,11 +259,11 @@ def _graph_with_other_state(path, state_names, counter_dtype=np.int64, inplace=(
 
 def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
     """A graph whose state is not the one cpc-export writes today (older graphs hold pred_history) runs
-    through StreamingModel and StreamBatch by the names, shapes and dtypes it declares; a graph whose
+    through OnnxModel and StreamBatch by the names, shapes and dtypes it declares; a graph whose
     declared names do not match its inputs, or whose state has a dtype the runtime cannot hold, is refused
     with a one-line error."""
     _graph_with_other_state(tmp_path / "toy.onnx", ("acc", "counter"))
-    runtime = StreamingModel(tmp_path / "toy.onnx", providers="cpu")
+    runtime = OnnxModel(tmp_path / "toy.onnx", providers="cpu")
     state = runtime.zero_state(2)
     assert (
         state["acc"].dtype == np.float32
@@ -282,24 +283,24 @@ def test_runtime_takes_the_state_from_the_graphs_metadata(tmp_path):
     with pytest.raises(
         UserError, match=r"graph inputs \['audio', 'acc', 'counter'\] are not audio \+ counter, acc"
     ):
-        StreamingModel(tmp_path / "bad.onnx")
+        OnnxModel(tmp_path / "bad.onnx")
     _graph_with_other_state(tmp_path / "int32.onnx", ("acc", "counter"), np.int32)
     with pytest.raises(UserError, match=r"state input counter has type tensor\(int32\)"):
-        StreamingModel(tmp_path / "int32.onnx")
+        OnnxModel(tmp_path / "int32.onnx")
     _graph_with_other_state(tmp_path / "inplace.onnx", ("acc", "counter"), inplace=("ring",))
     with pytest.raises(UserError, match=r"inplace_state names ring, not a state"):
-        StreamingModel(tmp_path / "inplace.onnx")
+        OnnxModel(tmp_path / "inplace.onnx")
 
 
 def test_metadata_describes_the_state(tmp_path, trained):
     model, cfg, _ = trained
     export_onnx(model, cfg, 15, tmp_path / "m.onnx", 2, 8)
-    info = StreamingModel(tmp_path / "m.onnx").info
+    info = OnnxModel(tmp_path / "m.onnx").info
     assert (info.frames_per_call, info.neg_window, info.n_steps, info.ctx_dim) == (2, 8, 5, 32)
     assert info.config_hash == cfg.model_hash() and info.train_step == 15
     assert info.state_shapes["pred_history"] == ["B", 7, 5, 64]  # K + F slots of K predictions
     assert info.state_shapes["z_history"] == ["B", 10, 64]  # W + F slots
-    state = StreamingModel(tmp_path / "m.onnx").zero_state(3)
+    state = OnnxModel(tmp_path / "m.onnx").zero_state(3)
     assert state["cache_conv1"].shape == (3, 5) and state["cache_conv2"].shape == (3, 1, 64)
     assert state["frame_index"].dtype == np.int64 and list(state) == list(info.state_names)
 
@@ -352,16 +353,19 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, trained, capsys):
 
 def test_gru_spelt_out_as_matmuls_equals_the_gru(trained):
     """The int8 variant's GRU (two products per frame and the gates) computes exactly nn.GRU's step."""
-    from cpc_export.streaming import StreamingCPC, zero_state
+    from cpc_export.step import CPCStep, zero_state
 
     model, _, _ = trained
     audio = torch.from_numpy(check_streams(model, UTT_1089, 3, 4 * 160)[:, : 4 * 160])
-    state = zero_state(model, 8, 4, 3)
-    state[5] = torch.randn(3, 32) * 0.5  # a hidden state mid-stream
+    state = dict(zip(STATE_NAMES, zero_state(model, 8, 4, 3), strict=True))
+    state["gru_h"] = torch.randn(3, 32) * 0.5  # a hidden state mid-stream
+    names = [*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)]
     with torch.no_grad():
-        ref = StreamingCPC(model, 4, 8)(audio, *state)
-        got = StreamingCPC(model, 4, 8, gru_as_matmuls=True)(audio, *state)
-    assert torch.allclose(got[1], ref[1], atol=1e-6) and torch.allclose(got[10], ref[10], atol=1e-6)
+        ref = dict(zip(names, CPCStep(model, 4, 8)(audio, *state.values()), strict=True))
+        got = dict(zip(names, CPCStep(model, 4, 8, gru_as_matmuls=True)(audio, *state.values()), strict=True))
+    assert torch.allclose(got["c"], ref["c"], atol=1e-6) and torch.allclose(
+        got["new_gru_h"], ref["new_gru_h"], atol=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -390,7 +394,7 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     # Float products left: conv1, the scores against the z ring, and the sum of the exponentiated
     # scores over each frame's window.
     assert "GRU" not in ops and ops.count("MatMul") == 3
-    assert StreamingModel(int8).info.weights == "int8" and StreamingModel(fp32).info.weights == "fp32"
+    assert OnnxModel(int8).info.weights == "int8" and OnnxModel(fp32).info.weights == "fp32"
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size
 
 
@@ -420,9 +424,9 @@ def test_loader_reads_weights_key_and_refuses_unknown_kinds(tmp_path, int8_pair)
         onnx.save(proto, str(tmp_path / "m.onnx"))
         if expect:
             with pytest.raises(UserError, match=expect):
-                StreamingModel(tmp_path / "m.onnx")
+                OnnxModel(tmp_path / "m.onnx")
         else:  # graphs exported before the key existed are float32
-            assert StreamingModel(tmp_path / "m.onnx").info.weights == "fp32"
+            assert OnnxModel(tmp_path / "m.onnx").info.weights == "fp32"
 
 
 def test_cli_int8_is_proved_against_its_own_tolerance(tmp_path, trained, capsys, monkeypatch):

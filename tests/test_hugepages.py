@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cpc_stream.engine import StreamingModel
 from cpc_stream.hugepages import collapse_anonymous_memory
+from cpc_stream.onnx_model import OnnxModel
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -64,8 +64,8 @@ def mid_onnx(tmp_path_factory):
 
 def test_streaming_model_puts_its_weights_in_huge_pages_only_when_asked(mid_onnx):
     """A library class leaves the host process's memory alone by default; cpc-stream asks."""
-    assert StreamingModel(mid_onnx, providers="cpu").huge_page_bytes == 0
-    got = StreamingModel(mid_onnx, providers="cpu", huge_pages=True).huge_page_bytes
+    assert OnnxModel(mid_onnx, providers="cpu").huge_page_bytes == 0
+    got = OnnxModel(mid_onnx, providers="cpu", huge_pages=True).huge_page_bytes
     if collapse_allowed():
         assert got >= 4 << 20, got
     else:

@@ -6,18 +6,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cpc_stream import settings
+from cpc_stream import config_file
+from cpc_stream.contract import HOP, SAMPLE_RATE  # noqa: F401 (re-exported: training's modules import them here)
 
 # Architecture constants of the paper's encoder (section 3.1). They are not configuration: the streaming
-# export, the conv caches and the 160-sample hop all rest on them.
+# export and its conv caches rest on them. The audio rate and the hop are the streaming contract's.
 KERNELS = (10, 8, 4, 4, 4)
 STRIDES = (5, 4, 2, 2, 2)
-HOP = 160  # product of STRIDES: samples per frame
-SAMPLE_RATE = 16000
+assert math.prod(STRIDES) == HOP, "the encoder's total stride must be the contract's hop"
 
 
 @dataclass
@@ -83,7 +84,7 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-RULES = settings.Rules(
+RULES = config_file.Rules(
     choices={
         "model.norm": ("none", "channel"),
         "model.score": ("cosine", "dot", "dot_scaled"),
@@ -102,9 +103,9 @@ RULES = settings.Rules(
 
 def from_dict(d: dict) -> Config:
     """Build a Config from a nested dict (a YAML file or a checkpoint's saved config)."""
-    return settings.from_dict(Config, d, RULES)
+    return config_file.from_dict(Config, d, RULES)
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply `key=value` overrides."""
-    return settings.load(Config, path, overrides, RULES)
+    return config_file.load(Config, path, overrides, RULES)

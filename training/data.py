@@ -21,7 +21,7 @@ import torch
 
 from cpc_stream.errors import UserError
 
-from .config import SAMPLE_RATE
+from .config import HOP, SAMPLE_RATE
 
 log = logging.getLogger("cpc.data")
 
@@ -96,7 +96,7 @@ def read_phone_labels(path: str | Path) -> dict[str, np.ndarray]:
 
 def phone_label_count(samples: int) -> int:
     """Number of labels converted_aligned_phones.txt has for an utterance of `samples` samples."""
-    return (samples - 400) // 160 + 1
+    return (samples - 400) // HOP + 1
 
 
 def select_ids(utts: list[Utterance], ids: list[str], what: str) -> list[Utterance]:

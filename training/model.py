@@ -21,7 +21,9 @@ from .config import HOP, KERNELS, STRIDES, ModelConfig
 class ChannelNorm(nn.Module):
     """Normalise each frame over its channels, with a learned per-channel affine (CPC_audio's ChannelNorm).
 
-    Input and output (batch, channels, frames); statistics never mix frames, so it is causal.
+    Input and output (batch, channels, frames); statistics never mix frames, so it is causal. The
+    variance is the biased one (divided by C) on purpose, so that the exported graph computes it with
+    one ONNX LayerNormalization; CPC_audio's ChannelNorm uses the unbiased one (divided by C - 1).
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):

@@ -14,7 +14,7 @@ from cpc_stream.audio import load_audio
 from cpc_stream.errors import UserError
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .config import SAMPLE_RATE
+from .config import HOP, SAMPLE_RATE
 from .data import WindowBatches, read_split, scan_librispeech, select_ids
 from .loss import info_nce, sample_negatives
 
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def per_k_accuracy(model, cfg, utts, batches: int = 16, seed: int = 0) -> np.ndarray:
     """InfoNCE accuracy of predicting k = 1..K steps ahead, averaged over `batches` held-out batches."""
     data = WindowBatches(utts, cfg.data.window, cfg.data.batch_size, "mixed", seed)
-    frames = cfg.data.window // 160
+    frames = cfg.data.window // HOP
     accs = []
     for step in range(batches):
         wav, _ = data[step]

@@ -1,6 +1,6 @@
-"""The exported streaming CPC graph behind a small class: load, check the contract, build zero state, step.
+"""The exported streaming CPC graph in an onnxruntime session, behind three small classes.
 
-    model = StreamingModel("cpc.onnx")             # refuses a graph whose metadata it does not know
+    model = OnnxModel("cpc.onnx")                  # refuses a graph that breaks the contract (contract.py)
     state = model.zero_state(batch=2)              # a zero state is the start of a stream
     out, state = model.step(audio, state)          # audio (2, frames_per_call * 160) float32
     out["c"]                                       # (2, frames_per_call, ctx_dim)
@@ -8,119 +8,24 @@
 
     batch = StreamBatch(model, 2)                  # the same, with the state kept inside and bound once:
     out = batch.step(audio)                        # what the daemon runs (no state copies per call)
+    out = batch.step(audio[:1], rows=[1])          # only stream 1 has audio: the other waits
 
-The contract (input/output names, metadata keys) is documented in docs/onnx-contract.md.
+    stream = ChunkedStream(model)                  # one stream fed in chunks of any size
+    frames = stream.feed(samples)                  # {"c": (n, ctx_dim), ...} for every whole call
+
+The contract (inputs, outputs, state, metadata) is docs/onnx-contract.md.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .contract import AUDIO, ONNX_DTYPES, OUTPUT_NAMES, ModelInfo
 from .errors import UserError
 from .hugepages import collapse_anonymous_memory
-
-FORMAT_KEY = "cpc_stream.format"
-FORMAT_NAME = "cpc-stream-onnx"
-FORMAT_VERSION = 1
-# The state cpc-export writes. A runtime takes a graph's own state names and shapes from its metadata
-# (older graphs hold ctx_history, or a smaller pred_history), so it needs neither.
-STATE_NAMES = (
-    "cache_conv1", "cache_conv2", "cache_conv3", "cache_conv4", "cache_conv5",
-    "gru_h", "pred_history", "z_history", "frame_index",
-)  # fmt: skip
-STATE_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16}
-OUTPUT_NAMES = ("z", "c", "scores", "logprob", "valid")
-WEIGHT_KINDS = ("fp32", "int8")
-OPTIONAL_KEYS = ("weights", "inplace_state")  # added after format 1 shipped; absent means the default
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Everything a runtime needs from the graph's metadata_props (all stored as strings)."""
-
-    sample_rate: int
-    hop: int  # samples per frame
-    frames_per_call: int  # F
-    enc_dim: int
-    ctx_dim: int
-    n_steps: int  # K
-    neg_window: int  # W: frames of z_history that normalise logprob
-    score: str
-    temperature: float
-    norm: str
-    state_shapes: dict[str, list] = field(default_factory=dict)  # "B" marks the batch axis
-    config_hash: str = ""
-    train_step: int = 0
-    exported_by: str = ""
-    weights: str = "fp32"  # or "int8": 8-bit matrix weights, outputs within the stated tolerance
-    state_names: tuple[str, ...] = STATE_NAMES  # the graph's state inputs, in order
-    # States whose input only the node writing new_<name> reads, and which onnxruntime updates in place
-    # when new_<name> is bound to the input's own buffer (docs/onnx-contract.md)
-    inplace_state: tuple[str, ...] = ()
-
-    def to_metadata(self) -> dict[str, str]:
-        meta = {FORMAT_KEY: f"{FORMAT_NAME}/{FORMAT_VERSION}"}
-        for k, v in asdict(self).items():
-            meta[k] = (
-                json.dumps(v) if isinstance(v, dict) else ",".join(v) if isinstance(v, tuple) else str(v)
-            )
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str], source: str) -> ModelInfo:
-        fmt = meta.get(FORMAT_KEY)
-        if fmt is None:
-            raise UserError(f"{source}: not a cpc-stream model (no {FORMAT_KEY} in its metadata)")
-        if fmt != f"{FORMAT_NAME}/{FORMAT_VERSION}":
-            raise UserError(
-                f"{source}: model format {fmt!r} is not supported (this runtime reads {FORMAT_NAME}/{FORMAT_VERSION})"
-            )
-        kwargs = {}
-        for f in cls.__dataclass_fields__.values():
-            if f.name in OPTIONAL_KEYS and f.name not in meta:
-                continue
-            if f.name not in meta:
-                raise UserError(f"{source}: metadata key {f.name!r} is missing")
-            raw = meta[f.name]
-            try:
-                if f.type.startswith("dict"):
-                    kwargs[f.name] = json.loads(raw)
-                elif f.type.startswith("tuple"):
-                    kwargs[f.name] = tuple(x for x in raw.split(",") if x)
-                else:
-                    kwargs[f.name] = {"int": int, "float": float}.get(f.type, str)(raw)
-            except ValueError:
-                raise UserError(f"{source}: metadata key {f.name!r} has a bad value {raw!r}") from None
-        if kwargs.get("weights", "fp32") not in WEIGHT_KINDS:
-            raise UserError(
-                f"{source}: weights {kwargs['weights']!r} unknown (this runtime reads {', '.join(WEIGHT_KINDS)})"
-            )
-        names = kwargs["state_names"]
-        if len(set(names)) != len(names) or set(names) != set(kwargs["state_shapes"]):
-            raise UserError(
-                f"{source}: state names {','.join(names)} do not match the state shapes' {','.join(kwargs['state_shapes'])}"
-            )
-        unknown = set(kwargs.get("inplace_state", ())) - set(names)
-        if unknown:
-            raise UserError(f"{source}: inplace_state names {','.join(sorted(unknown))}, not a state")
-        return cls(**kwargs)
-
-    @property
-    def samples_per_call(self) -> int:
-        return self.frames_per_call * self.hop
-
-    def zero_outputs(self, *lead: int) -> dict[str, np.ndarray]:
-        """Zero arrays shaped like the outputs of one frame, behind the leading axes `lead`:
-        {"z": (*lead, enc_dim), "c": (*lead, ctx_dim), "scores"/"logprob"/"valid": (*lead, K)}."""
-        dims = {"z": self.enc_dim, "c": self.ctx_dim, "scores": self.n_steps, "logprob": self.n_steps}
-        out = {k: np.zeros((*lead, d), np.float32) for k, d in dims.items()}
-        out["valid"] = np.zeros((*lead, self.n_steps), bool)
-        return out
 
 
 def choose_providers(requested: str = "auto") -> list[str]:
@@ -142,7 +47,7 @@ def choose_providers(requested: str = "auto") -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class StreamingModel:
+class OnnxModel:
     """A cpc-stream ONNX graph in an onnxruntime session, with its metadata checked."""
 
     def __init__(self, path: str | Path, providers: str = "auto", threads: int = 1, huge_pages: bool = False):
@@ -174,35 +79,21 @@ class StreamingModel:
         self.info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(p))
         names = self.info.state_names
         inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != ["audio", *names]:
-            raise UserError(f"{p}: graph inputs {inputs} are not audio + {', '.join(names)}")
+        if inputs != [AUDIO, *names]:
+            raise UserError(f"{p}: graph inputs {inputs} are not {AUDIO} + {', '.join(names)}")
         self._outputs = [*OUTPUT_NAMES, *(f"new_{n}" for n in names)]
         missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
         if missing:
             raise UserError(f"{p}: graph outputs lack {', '.join(sorted(missing))}")
         self._dtypes = {}  # the state's dtypes are the graph's own
         for i in self.session.get_inputs()[1:]:
-            if i.type not in STATE_DTYPES:
+            if i.type not in ONNX_DTYPES:
                 raise UserError(
-                    f"{p}: state input {i.name} has type {i.type}, not one of {', '.join(STATE_DTYPES)}"
+                    f"{p}: state input {i.name} has type {i.type}, not one of {', '.join(ONNX_DTYPES)}"
                 )
-            self._dtypes[i.name] = STATE_DTYPES[i.type]
+            self._dtypes[i.name] = ONNX_DTYPES[i.type]
         self.providers = self.session.get_providers()
         self._check_against_graph(str(p))
-
-    def expected_shapes(self, batch: int | str = "B") -> dict[str, list]:
-        """Every input and output shape the metadata implies, with `batch` for the batch axis."""
-        i = self.info
-        f = i.frames_per_call
-        shapes = {
-            "audio": [batch, i.samples_per_call],
-            "z": [batch, f, i.enc_dim],
-            "c": [batch, f, i.ctx_dim],
-        }
-        shapes.update({k: [batch, f, i.n_steps] for k in ("scores", "logprob", "valid")})
-        for name in i.state_names:
-            shapes[name] = shapes[f"new_{name}"] = [batch if d == "B" else d for d in i.state_shapes[name]]
-        return shapes
 
     def _check_against_graph(self, source: str) -> None:
         """Refuse metadata that contradicts the graph (a runtime that trusted it would fail mid-stream):
@@ -217,7 +108,7 @@ class StreamingModel:
                 isinstance(dims, list) and dims and all(d == "B" or (type(d) is int and d >= 1) for d in dims)
             ):
                 raise UserError(f"{source}: metadata state_shapes[{name!r}] = {dims!r} is not a shape")
-        want = self.expected_shapes()
+        want = i.io_shapes()
         for node in [*self.session.get_inputs(), *self.session.get_outputs()]:
             if node.name not in want:
                 continue
@@ -239,9 +130,9 @@ class StreamingModel:
             **{f"new_{k}": list(v.shape) for k, v in state.items()},
         }
         for name, shape in got.items():
-            if shape != self.expected_shapes(2)[name]:
+            if shape != i.io_shapes(2)[name]:
                 raise UserError(
-                    f"{source}: metadata implies {name} of shape {self.expected_shapes(2)[name]}, the graph returns {shape}"
+                    f"{source}: metadata implies {name} of shape {i.io_shapes(2)[name]}, the graph returns {shape}"
                 )
 
     def zero_state(self, batch: int) -> dict[str, np.ndarray]:
@@ -265,7 +156,7 @@ class StreamingModel:
         (B, F, ...), and the new state."""
         if audio.ndim != 2 or audio.shape[1] != self.info.samples_per_call:
             raise ValueError(f"audio must be (batch, {self.info.samples_per_call}), got {audio.shape}")
-        feeds = {"audio": np.ascontiguousarray(audio, dtype=np.float32), **state}
+        feeds = {AUDIO: np.ascontiguousarray(audio, dtype=np.float32), **state}
         values = self.session.run(self._outputs, feeds)
         n = len(OUTPUT_NAMES)
         return dict(zip(OUTPUT_NAMES, values[:n], strict=True)), dict(
@@ -279,9 +170,9 @@ class StreamBatch:
     Python-side allocations for it. The graph's in-place states (its rings, 0.58 MB per stream for the
     paper's model at F=1) have one buffer, both input and output, so that a call writes only its new
     slots; the rest of the state (a few KB) has two sets, each call reading one and writing the other.
-    `step` equals StreamingModel.step with the state threaded through."""
+    `step` equals OnnxModel.step with the state threaded through."""
 
-    def __init__(self, model: StreamingModel, batch: int):
+    def __init__(self, model: OnnxModel, batch: int):
         self.model, self.batch = model, batch
         self._audio = np.zeros((batch, model.info.samples_per_call), np.float32)
         self._sets = [model.zero_state(batch), model.zero_state(batch)]
@@ -291,7 +182,7 @@ class StreamBatch:
         self._bindings = []
         for k in range(2):  # binding k reads set k and writes set 1 - k
             b = model.session.io_binding()
-            b.bind_cpu_input("audio", self._audio)
+            b.bind_cpu_input(AUDIO, self._audio)
             for name in model.info.state_names:
                 b.bind_cpu_input(name, self._sets[k][name])
                 _bind_output(b, f"new_{name}", self._sets[1 - k][name])
@@ -309,7 +200,7 @@ class StreamBatch:
 
     def reset(self, rows: Sequence[int]) -> None:
         """Restart the given streams."""
-        StreamingModel.reset(self.state, rows)
+        OnnxModel.reset(self.state, rows)
 
     def step(self, audio: np.ndarray, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """audio (batch, frames_per_call * hop) -> outputs {z, c, scores, logprob, valid}, each
@@ -344,14 +235,14 @@ def _bind_output(binding, name: str, arr: np.ndarray) -> None:
     binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
 
 
-class Stream:
-    """One audio stream of any chunking: buffers samples until whole calls are available.
+class ChunkedStream:
+    """One audio stream fed in chunks of any size: buffers samples until whole calls are available.
 
     feed(samples) returns the outputs of every complete call, concatenated over frames
     ({name: (frames, ...)}); samples short of a call wait for the next feed.
     """
 
-    def __init__(self, model: StreamingModel):
+    def __init__(self, model: OnnxModel):
         self.model = model
         self._batch = StreamBatch(model, 1)
         self._pending = np.zeros(0, dtype=np.float32)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import settings
+from . import config_file
 from .security import parse_endpoint
 
 
@@ -32,7 +32,7 @@ class DaemonConfig:
     stream: StreamSection = field(default_factory=StreamSection)
 
 
-RULES = settings.Rules(
+RULES = config_file.Rules(
     choices={"stream.providers": ("auto", "cpu", "cuda")},
     positive=frozenset(
         {
@@ -47,6 +47,6 @@ RULES = settings.Rules(
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = ()) -> DaemonConfig:
-    cfg = settings.load(DaemonConfig, path, overrides, RULES)
+    cfg = config_file.load(DaemonConfig, path, overrides, RULES)
     parse_endpoint(cfg.stream.bind)  # a malformed endpoint or port is an error before anything starts
     return cfg

@@ -39,31 +39,30 @@ from cpc_training.config import HOP, KERNELS, STRIDES
 from cpc_training.model import CPC
 from torch import nn
 
-from cpc_stream.engine import STATE_NAMES
+from cpc_stream.contract import STATE_NAMES, StateTensor, state_layout
+
+
+def layout(model: CPC, window: int, frames: int) -> tuple[StateTensor, ...]:
+    """The contract's state layout (cpc_stream/contract.py) for this model, F = `frames` hops per call and
+    a negatives window of `window` frames."""
+    c = model.cfg
+    return state_layout(c.enc_dim, c.ctx_dim, c.n_steps, frames, window, conv1_cache=KERNELS[0] - STRIDES[0])
 
 
 def state_shapes(model: CPC, window: int, frames: int) -> dict[str, list[int | str]]:
-    """State shapes with "B" for the batch axis, for `frames` (F) hops per call."""
-    c, h, k = model.cfg.enc_dim, model.cfg.ctx_dim, model.cfg.n_steps
-    shapes: dict[str, list[int | str]] = {"cache_conv1": ["B", KERNELS[0] - STRIDES[0]]}
-    shapes.update({f"cache_conv{i + 1}": ["B", 1, c] for i in range(1, len(STRIDES))})
-    shapes.update(gru_h=["B", h], pred_history=["B", k + frames, k, c], z_history=["B", window + frames, c])
-    shapes.update(frame_index=["B"])
-    return shapes
+    """State shapes with "B" for the batch axis: the graph's metadata `state_shapes`."""
+    return {s.name: list(s.shape) for s in layout(model, window, frames)}
 
 
 def zero_state(model: CPC, window: int, frames: int, batch: int) -> list[torch.Tensor]:
-    shapes = state_shapes(model, window, frames)
+    """The state of `batch` new streams, in input order."""
     return [
-        torch.zeros(
-            [batch if d == "B" else d for d in shapes[n]],
-            dtype=torch.int64 if n == "frame_index" else torch.float32,
-        )
-        for n in STATE_NAMES
+        torch.zeros([batch if d == "B" else d for d in s.shape], dtype=getattr(torch, s.dtype))
+        for s in layout(model, window, frames)
     ]
 
 
-class StreamingCPC(nn.Module):
+class CPCStep(nn.Module):
     """A trained CPC model run F hops at a time with explicit state (see the module docstring)."""
 
     def __init__(self, model: CPC, frames_per_call: int, window: int, gru_as_matmuls: bool = False):
@@ -191,9 +190,12 @@ class StreamingCPC(nn.Module):
         return torch.index_put(ring, (rows, slots), new)  # (B, F) slots
 
     def forward(self, audio: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """audio (B, F*160) float32 and the state in STATE_NAMES order ->
-        z (B, F, C), c (B, F, H), scores (B, F, K), logprob (B, F, K), valid (B, F, K) bool, new state."""
-        caches, gru_h, pred_ring, z_ring, t = list(state[:5]), state[5], state[6], state[7], state[8]
+        """audio (B, F*160) float32 and the state in STATE_NAMES order -> the contract's outputs
+        z (B, F, C), c (B, F, H), scores (B, F, K), logprob (B, F, K), valid (B, F, K) bool, then the new
+        state in the same order."""
+        s = dict(zip(STATE_NAMES, state, strict=True))
+        caches = [s[f"cache_conv{i}"] for i in range(1, 6)]
+        gru_h, pred_ring, z_ring, t = s["gru_h"], s["pred_history"], s["z_history"], s["frame_index"]
         f, k = self.frames, self.k
         z, new_caches = self._encode(audio, caches)
         if self.gru_as_matmuls:
@@ -227,7 +229,7 @@ class StreamingCPC(nn.Module):
             logprob = pos - torch.logsumexp(s_ring, dim=1)  # (B, F, K)
         valid = (t.view(-1, 1, 1) + self.frame_minus_step) >= 0  # (B, F, K)
         nan = float("nan")
-        return (
-            z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid,
-            *new_caches, h, pred_ring, z_ring, t + f,
-        )  # fmt: skip
+        new = {f"cache_conv{i}": cache for i, cache in enumerate(new_caches, 1)}
+        new.update(gru_h=h, pred_history=pred_ring, z_history=z_ring, frame_index=t + f)
+        outputs = (z, c, torch.where(valid, pos, nan), torch.where(valid, logprob, nan), valid)
+        return (*outputs, *(new[name] for name in STATE_NAMES))
