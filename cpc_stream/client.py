@@ -25,10 +25,12 @@ been quiet.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import zmq
 import zmq.auth
 
@@ -232,3 +234,69 @@ class Subscriber:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# -- sending audio to a daemon's WebSocket ingest (docs/protocol.md, "Audio in") --------------------------
+class IngestError(Exception):
+    """The daemon refused the stream or closed it early; the message has its close code and reason."""
+
+
+def send_audio(
+    url: str,
+    blocks: Iterable[np.ndarray],
+    sample_rate: int,
+    channels: int,
+    stream: str,
+    *,
+    fmt: str = "int16",
+    paced: bool = False,
+    realtime: bool = True,
+    token: str = "",
+    cafile: str | None = None,
+    timeout: float = 10.0,
+) -> int:
+    """Stream audio to a daemon's --listen address as one stream named `stream`. blocks: (frames,
+    channels) float32 arrays at sample_rate, full scale +-1, one WebSocket message each; sent as `fmt`
+    ("int16", exact for 16-bit sources, or "float32"). paced: send at real time (a file); realtime=False
+    asks the daemon to throttle this stream instead of dropping what it cannot take yet. Returns the
+    frames sent once the daemon has accepted the end of the stream; raises IngestError if it refused or
+    closed the stream."""
+    import ssl
+
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+    from websockets.sync.client import connect
+
+    hello = {"type": "hello", "stream": stream, "sample_rate": sample_rate, "channels": channels,
+             "format": fmt, "realtime": realtime, "client_time": time.time()}  # fmt: skip
+    if token:
+        hello["token"] = token
+    context = ssl.create_default_context(cafile=cafile) if url.startswith("wss:") else None
+    sent = 0
+    try:
+        with connect(url, open_timeout=timeout, ssl=context, compression=None, max_size=1 << 20) as ws:
+            ws.send(json.dumps(hello))
+            json.loads(ws.recv(timeout))  # {"type": "ready", ...}, or the close that refuses us
+            start = time.monotonic()
+            for block in blocks:
+                block = np.asarray(block, dtype=np.float32).reshape(-1, channels)
+                if fmt == "int16":
+                    payload = np.clip(np.round(block * 32768.0), -32768, 32767).astype("<i2").tobytes()
+                else:
+                    payload = block.astype("<f4").tobytes()
+                ws.send(payload)
+                sent += len(block)
+                if paced:
+                    time.sleep(max(0.0, start + sent / sample_rate - time.monotonic()))
+            ws.send(json.dumps({"type": "end"}))
+            try:
+                while True:
+                    ws.recv(timeout)
+            except ConnectionClosed as e:
+                if e.rcvd is None or e.rcvd.code != 1000:
+                    raise
+    except ConnectionClosed as e:
+        code, reason = (e.rcvd.code, e.rcvd.reason) if e.rcvd else ("none", "the connection was lost")
+        raise IngestError(f"the daemon closed stream {stream!r} (code {code}): {reason}") from None
+    except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as e:
+        raise IngestError(f"cannot stream to {url}: {e}") from None
+    return sent

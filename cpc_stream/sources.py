@@ -115,11 +115,19 @@ class SourceBuffer:
         self.ended = reason
         self.wakeup.set()
 
+    def reopen(self) -> None:
+        """Empty the buffer and take audio again (a stream's next run: its reset)."""
+        with self._lock:
+            self._chunks.clear()
+            self._marks.clear()
+            self._start, self._size, self.ended = self._start + self._size, 0, ""
+
 
 class Source:
     """Base: a named thread that fills self.buffer until it ends or stop() is called."""
 
     live = False  # live sources drop when full; others wait for room
+    kind = "local"  # file, stdin, mic, websocket: for the metrics
 
     def __init__(self, name: str):
         self.name = name
@@ -157,6 +165,8 @@ class Source:
 
 class FileSource(Source):
     """Any file soundfile reads (any rate, channels, sample width); as fast as possible or paced."""
+
+    kind = "file"
 
     def __init__(
         self, name: str, path: str | Path, realtime: bool = False, block_seconds: float | None = None
@@ -216,6 +226,8 @@ STDIN_FORMATS = {"s16le": "<i2", "s32le": "<i4", "f32le": "<f4", "u8": "u1"}
 
 class StdinSource(Source):
     """Raw interleaved PCM on standard input: `ffmpeg -f s16le -ac 1 -ar 16000 - | cpc-stream --stdin`."""
+
+    kind = "stdin"
 
     def __init__(
         self, name: str, fmt: str, rate: int, channels: int, stream=None, block_seconds: float = 0.05
@@ -286,6 +298,7 @@ class MicSource(Source):
     """A capture device through sounddevice, at its native rate and channel count."""
 
     live = True
+    kind = "mic"
 
     def __init__(self, name: str, device: str | int | None, queue_seconds: float = 5.0):
         super().__init__(name)
