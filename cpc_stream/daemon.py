@@ -9,7 +9,8 @@ test checks that a stream's frames are the same, bit for bit, whoever joins and 
 Batching: a call runs the streams that have a whole call of audio. It runs at once if a stream that is
 not live (a file read at full speed, stdin) is among them, or if every live stream (microphone, paced
 file, network) is; otherwise it waits for the others at most max_wait_ms after the first was ready, so a
-stalled client never holds the rest back. When only some rows run, their state is gathered into a
+stalled client never holds the rest back (max_wait_ms; by default one call's audio, F x 10 ms, so that
+streams at real time meet in one call whatever their phase). When only some rows run, their state is gathered into a
 smaller batch and scattered back (StreamBatch.step with rows); when rows 0..n-1 run, nothing is copied.
 
 A failure belongs to the stream it happened in: a source that breaks, a model call that fails or a
@@ -265,11 +266,12 @@ class Daemon:
         if not ready:
             return False
         waited = now - min(r.ready_since for r in ready)
+        max_wait = self.cfg.max_wait_ms / 1000 or f * hop / SAMPLE_RATE  # 0: one call's audio
         live = [r for r in running if r.source.live]
         if not (
             any(not r.source.live or r.buffer.ended for r in ready)
             or len(ready) == len(live)
-            or waited * 1000 >= self.cfg.max_wait_ms
+            or waited >= max_wait
         ):
             return False
         audio, frames, stamps = [], [], []
@@ -419,9 +421,7 @@ class Daemon:
             worked = self.step()
             self.finish_ended()
             if not worked:
-                self.wakeup.wait(
-                    max(self.cfg.max_wait_ms, 1) / 1000 if any(r.ready_since for r in self.active()) else 0.01
-                )
+                self.wakeup.wait(0.002 if any(r.ready_since for r in self.active()) else 0.01)
         self.publisher.send(protocol.encode("stats", "", self.stats_header(final=True)))
         self.finished.set()
         self.handle_requests()  # joins that came in meanwhile are refused (the daemon is stopping)

@@ -26,7 +26,9 @@ class StreamSection:
     curve_secret_key: str = ""  # daemon key pair file (cpc-keygen); enables CURVE encryption
     curve_allowed_keys: str = ""  # folder of client public keys allowed to subscribe
     insecure: bool = False  # allow a routable bind (ZeroMQ or ingest) without CURVE / token and TLS
-    max_wait_ms: float = 10.0  # a ready live stream waits at most this long for the others (batching)
+    max_wait_ms: float = (
+        0.0  # a ready live stream waits at most this long for the others; 0: one call (F x 10 ms)
+    )
     # WebSocket ingest (cpc-stream --listen): audio in over the network, one stream per connection
     listen: str = ""  # HOST:PORT; empty: no ingest
     max_streams: int = 32  # network streams at once (rows of the batch kept for them)

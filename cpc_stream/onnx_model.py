@@ -165,12 +165,16 @@ class OnnxModel:
 
 
 class StreamBatch:
-    """The state of `batch` streams kept in preallocated buffers, bound to the session once (onnxruntime
+    """The state of `batch` streams kept in preallocated buffers, bound to the session (onnxruntime
     IOBinding). A call copies only its audio in and its outputs out, never the state, and makes no
     Python-side allocations for it. The graph's in-place states (its rings, 0.58 MB per stream for the
     paper's model at F=1) have one buffer, both input and output, so that a call writes only its new
     slots; the rest of the state (a few KB) has two sets, each call reading one and writing the other.
-    `step` equals OnnxModel.step with the state threaded through."""
+    `step` equals OnnxModel.step with the state threaded through.
+
+    A call may advance only some streams (`rows`): rows 0..n-1 run on views of the same buffers (bound
+    once per n; the other rows' small state is carried to the next set, a few KB each), any other choice
+    of rows on a gathered copy of their state, scattered back (which copies the rings too)."""
 
     def __init__(self, model: OnnxModel, batch: int):
         self.model, self.batch = model, batch
@@ -178,18 +182,26 @@ class StreamBatch:
         self._sets = [model.zero_state(batch), model.zero_state(batch)]
         for name in model.info.inplace_state:  # one buffer, read and written by every call
             self._sets[1][name] = self._sets[0][name]
+        self._small = [n for n in model.info.state_names if n not in model.info.inplace_state]
         self._outputs = model.info.zero_outputs(batch, model.info.frames_per_call)
-        self._bindings = []
-        for k in range(2):  # binding k reads set k and writes set 1 - k
-            b = model.session.io_binding()
-            b.bind_cpu_input(AUDIO, self._audio)
-            for name in model.info.state_names:
-                b.bind_cpu_input(name, self._sets[k][name])
-                _bind_output(b, f"new_{name}", self._sets[1 - k][name])
-            for name, arr in self._outputs.items():
-                _bind_output(b, name, arr)
-            self._bindings.append(b)
+        self._bindings: dict[int, list] = {}  # rows 0..n-1 -> [binding reading set 0, reading set 1]
         self._current = 0
+
+    def _prefix_bindings(self, n: int) -> list:
+        """Binding k reads rows 0..n-1 of set k and writes them in set 1 - k."""
+        if n not in self._bindings:
+            bindings = []
+            for k in range(2):
+                b = self.model.session.io_binding()
+                b.bind_cpu_input(AUDIO, self._audio[:n])
+                for name in self.model.info.state_names:
+                    b.bind_cpu_input(name, self._sets[k][name][:n])
+                    _bind_output(b, f"new_{name}", self._sets[1 - k][name][:n])
+                for name, arr in self._outputs.items():
+                    _bind_output(b, name, arr[:n])
+                bindings.append(b)
+            self._bindings[n] = bindings
+        return self._bindings[n]
 
     @property
     def state(self) -> dict[str, np.ndarray]:
@@ -205,25 +217,27 @@ class StreamBatch:
     def step(self, audio: np.ndarray, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
         """audio (batch, frames_per_call * hop) -> outputs {z, c, scores, logprob, valid}, each
         (batch, F, ...), as new arrays. With `rows`, only those streams advance: audio is
-        (len(rows), F * hop), the outputs (len(rows), F, ...), and the other streams' state is untouched
-        (their rows are gathered into a copy of the state and scattered back, so this path copies)."""
-        if rows is not None and list(rows) != list(range(self.batch)):
+        (len(rows), F * hop) in the order of `rows`, the outputs (len(rows), F, ...), and the other
+        streams' state is untouched."""
+        rows = list(range(self.batch)) if rows is None else list(rows)
+        n = len(rows)
+        if audio.shape != (n, self._audio.shape[1]):
+            raise ValueError(f"audio must be ({n}, {self._audio.shape[1]}), got {audio.shape}")
+        if rows != list(range(n)):
             return self._step_rows(audio, rows)
-        if audio.shape != self._audio.shape:
-            raise ValueError(f"audio must be {self._audio.shape}, got {audio.shape}")
-        np.copyto(self._audio, audio)
-        self.model.session.run_with_iobinding(self._bindings[self._current])
+        np.copyto(self._audio[:n], audio)
+        self.model.session.run_with_iobinding(self._prefix_bindings(n)[self._current])
+        if n < self.batch:  # the rows that did not run keep their small state in the next set
+            old, new = self._sets[self._current], self._sets[1 - self._current]
+            for name in self._small:
+                new[name][n:] = old[name][n:]
         self._current = 1 - self._current
-        return {k: v.copy() for k, v in self._outputs.items()}
+        return {k: v[:n].copy() for k, v in self._outputs.items()}
 
-    def _step_rows(self, audio: np.ndarray, rows: Sequence[int]) -> dict[str, np.ndarray]:
+    def _step_rows(self, audio: np.ndarray, rows: list[int]) -> dict[str, np.ndarray]:
         idx = np.asarray(rows, dtype=np.int64)
-        if len(set(idx.tolist())) != len(idx) or (len(idx) and not 0 <= idx.min() <= idx.max() < self.batch):
-            raise ValueError(
-                f"rows must be distinct rows of the batch (0..{self.batch - 1}), got {list(rows)}"
-            )
-        if audio.shape != (len(idx), self._audio.shape[1]):
-            raise ValueError(f"audio must be ({len(idx)}, {self._audio.shape[1]}), got {audio.shape}")
+        if len(set(rows)) != len(rows) or (len(idx) and not 0 <= idx.min() <= idx.max() < self.batch):
+            raise ValueError(f"rows must be distinct rows of the batch (0..{self.batch - 1}), got {rows}")
         state = self.state
         out, new_state = self.model.step(audio, {k: v[idx] for k, v in state.items()})
         for k, v in new_state.items():

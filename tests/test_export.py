@@ -493,3 +493,30 @@ def test_killed_export_leaves_nothing_in_the_output_folder(tmp_path, trained):
     proc.wait()
     assert first.startswith("cpc-export: wrote fp32 graph") and proc.returncode == -signal.SIGKILL
     assert list(out.iterdir()) == []
+
+
+def test_stream_batch_runs_any_subset_of_rows_as_if_they_were_alone(small_onnx):
+    """Prefixes of the batch (bound in place), other subsets (gathered and scattered) and full calls, in
+    any order: each stream's outputs equal those of its own OnnxModel.step run, bit for bit, and streams
+    that sit out a call keep their state."""
+    path, model = small_onnx
+    runtime = OnnxModel(path, providers="cpu")
+    n = runtime.info.samples_per_call
+    audio = check_streams(model, UTT_1089, 40, n)  # 3 streams
+    audio = np.concatenate([audio, audio[::-1, ::-1].copy()])  # 6 streams
+    alone = [runtime.zero_state(1) for _ in range(6)]
+    batch, calls = StreamBatch(runtime, 6), [0] * 6
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        rows = [[0, 1, 2], [0], list(range(6)), [1, 3, 4], [5, 2], [0, 1, 2, 3]][i % 6] if i % 7 else sorted(
+            rng.choice(6, size=int(rng.integers(1, 7)), replace=False).tolist())  # fmt: skip
+        chunk = np.stack([audio[r, calls[r] * n : (calls[r] + 1) * n] for r in rows])
+        got = batch.step(chunk, rows=rows)
+        for j, r in enumerate(rows):
+            want, alone[r] = runtime.step(chunk[j : j + 1], alone[r])
+            for k in want:
+                assert np.array_equal(got[k][j : j + 1], want[k], equal_nan=True), (i, rows, r, k)
+            calls[r] += 1
+    for r in range(6):
+        for k, v in alone[r].items():
+            assert np.array_equal(batch.state[k][r : r + 1], v), (r, k)
