@@ -141,10 +141,17 @@ def stream_cases():
         ("allowed folder empty", [*ok, f"stream.curve_secret_key={secret}", "stream.curve_allowed_keys={d}/empty"], "holds no client public key"),
         ("allowed key not a key", [*ok, f"stream.curve_secret_key={secret}", "stream.curve_allowed_keys={d}/badkeys"], "client.key is not a public key file"),
         ("unknown microphone", ["--mic", "no-such-device-xyz"], "audio input device 'no-such-device-xyz' not found|needs PortAudio"),
-        ("no source", [], "no source: give --mic, --file PATH or --stdin"),
+        ("no source", [], "no source: give --mic, --file PATH, --stdin or --listen HOST:PORT"),
         ("stdin rate 0", ["--stdin", "--stdin-rate", "0"], "--stdin-rate and --stdin-channels must be > 0"),
         ("duplicate stream names", ["--stdin", "--file", "{d}/stdin.wav"], "stream names must be unique"),
         ("negative subscriber count", [*ok, "--wait-subscribers", "-1"], "--wait-subscribers -1: expected a count >= 0"),
+        ("listen port out of range", ["--listen", "127.0.0.1:99999"], "stream.listen '127.0.0.1:99999': expected HOST:PORT"),
+        ("listen to all without a token", ["--listen", "0.0.0.0:{free}"], "has no stream.ingest_token: set one, or pass --insecure"),
+        ("listen port in use", ["--listen", "127.0.0.1:{taken_tcp}"], "cannot listen on 127.0.0.1:\\d+"),
+        ("TLS certificate without key", ["--listen", "127.0.0.1:{free}", "stream.tls_cert={d}/keys/server.key"], "tls_cert and stream.tls_key go together"),
+        ("TLS files not PEM", ["--listen", "127.0.0.1:{free}", "stream.tls_cert={d}/keys/server.key", "stream.tls_key={d}/keys/server.key"], "cannot load"),
+        ("metrics port in use", [*ok, "--metrics", "127.0.0.1:{taken_tcp}"], "cannot serve metrics on 127.0.0.1:\\d+"),
+        ("zero max streams", ["--listen", "127.0.0.1:{free}", "--max-streams", "0"], "stream.max_streams: must be > 0"),
     ]  # fmt: skip
 
 
@@ -160,12 +167,23 @@ def taken_port():
     ctx.term()
 
 
+@pytest.fixture(scope="module")
+def taken_tcp_port():
+    """A loopback TCP port held by a listening socket of this process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
 @pytest.mark.parametrize("case", stream_cases(), ids=[c[0] for c in stream_cases()])
-def test_cpc_stream_refuses_bad_input_in_one_line(case, stream_inputs, taken_port, tmp_path):
+def test_cpc_stream_refuses_bad_input_in_one_line(case, stream_inputs, taken_port, taken_tcp_port, tmp_path):
     """Exit 2 before publishing anything, one line naming the problem, no traceback."""
     _, args, message = case
     good, d = stream_inputs
-    subs = {"d": d, "taken": taken_port, "free": free_port()}
+    subs = {"d": d, "taken": taken_port, "free": free_port(), "taken_tcp": taken_tcp_port}
     args = [a.format(**subs) for a in args]
     if "--model" not in args:
         args = ["--model", str(good), *args]

@@ -345,3 +345,26 @@ def test_cpc_send_says_why_the_daemon_refused(small_onnx, tmp_path):
     r = subprocess.run([sys.executable, "-m", "cpc_stream.send", "--url", f"ws://127.0.0.1:{free_port()}/",
                         str(UTT_1089)], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 1 and "cannot stream to ws://127.0.0.1:" in r.stderr
+
+
+def test_the_docs_ingest_example_and_close_codes_are_the_codes():
+    """docs/protocol.md's worked hello is one the daemon accepts, and its close-code table lists the codes
+    the ingest uses."""
+    import re
+
+    from cpc_stream import ingest
+
+    doc = (REPO / "docs/protocol.md").read_text()
+    hello = re.search(r"ws\.send\(json\.dumps\((\{\"type\": \"hello\".*?\})\)\)", doc).group(1)
+    h = ingest.parse_hello(hello)
+    assert (h.stream, h.sample_rate, h.channels, h.format, h.frame_bytes) == ("alice", 48000, 2, "int16", 4)
+    for code in (
+        ingest.NORMAL,
+        ingest.GOING_AWAY,
+        ingest.BAD_DATA,
+        ingest.POLICY,
+        ingest.TOO_BIG,
+        ingest.INTERNAL,
+        ingest.TRY_LATER,
+    ):
+        assert f"| {code} |" in doc, code
