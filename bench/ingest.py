@@ -134,20 +134,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--weights", default="fp32,int8")
-    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="the daemon's batching wait")
+    ap.add_argument("--max-wait-ms", type=float, default=0.0, help="the daemon's batching wait (0: one call)")
     args = ap.parse_args()
     speech = np.concatenate(
         [load_audio(f, 16000) for f in sorted(glob.glob(str(REPO / "data/librispeech-mini/*/*/*/*.flac")))]
     )
     print(f"ingest: {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}, paper-size model, "
-          f"F={args.frames}, {args.seconds:g} s per stream, one onnxruntime thread, max wait {args.max_wait_ms:g} ms")  # fmt: skip
+          f"F={args.frames}, {args.seconds:g} s per stream, one onnxruntime thread, max wait {args.max_wait_ms:g} ms (0: one call)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for weights in args.weights.split(","):
             model = export_random_paper_model(args.frames, Path(tmp) / f"paper-{weights}.onnx", weights)
-            print(
-                "| weights | streams | daemon CPU (1 core = 100%) | RTF | streams whole | lost | p50 ms | p99 ms |"
-            )
-            print("|---|---|---|---|---|---|---|---|")
+            print("| weights | streams | daemon CPU (1 core = 100%) | RTF | streams whole | lost | p50 ms | p99 ms "
+                  "| streams per call | ms per call |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for n in (int(x) for x in args.streams.split(",")):
                 r = run(model, n, args.seconds, speech, args.frames, args.max_wait_ms)
                 print(f"| {weights} | {n} | {100 * r['cpu']:.0f}% | {r['rtf']:.3f} | {r['whole']}/{n} | {r['lost']} | "
