@@ -24,6 +24,12 @@ from cpc_stream.client import Subscriber
 from cpc_stream.security import write_key_pair
 
 
+def start_listen(port: int, *args: str) -> subprocess.Popen:
+    """cpc-listen on the daemon at `port`, as a user runs it."""
+    cmd = [sys.executable, "-m", "cpc_stream.listen", "--connect", f"tcp://127.0.0.1:{port}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def finish(proc, timeout=30) -> tuple[int, str]:
     """Wait for a daemon; its exit code and stderr."""
     if proc.stdin:
@@ -353,9 +359,9 @@ def test_listen_records_one_stream_exactly_and_waits_for_a_stream_without_frames
     sf.write(empty, np.zeros(100, np.float32), 16000)
     port = free_port()
     out = tmp_path / "rec.npz"
-    listen = subprocess.Popen([sys.executable, "-m", "cpc_stream.listen", "--connect", f"tcp://127.0.0.1:{port}",
-                               "--record", str(out), "--until-eos", "--quiet", "--stream", "bit24-1",
-                               "--stream", "empty-11"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    listen = start_listen(
+        port, "--record", str(out), "--until-eos", "--quiet", "--stream", "bit24-1", "--stream", "empty-11"
+    )
     files = [a for _ in range(11) for a in ("--file", str(src))]
     proc, _ = start_daemon(path, *files, "--file", str(empty), "--wait-subscribers", "1", port=port)
     assert finish(proc)[0] == 0
@@ -373,8 +379,7 @@ def test_listen_records_what_it_receives(small_onnx, tmp_path):
     path, model = small_onnx
     port = free_port()
     out = tmp_path / "rec.npz"
-    listen = subprocess.Popen([sys.executable, "-m", "cpc_stream.listen", "--connect", f"tcp://127.0.0.1:{port}",
-                               "--record", str(out), "--until-eos"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    listen = start_listen(port, "--record", str(out), "--until-eos")
     proc, _ = start_daemon(path, "--file", str(UTT_1089), "--wait-subscribers", "1", port=port)
     assert finish(proc)[0] == 0
     _, err = listen.communicate(timeout=30)
@@ -395,9 +400,7 @@ def test_a_killed_and_restarted_daemon_is_a_restart_not_a_merge(small_onnx, tmp_
     path, _ = small_onnx
     port = free_port()
     out = tmp_path / "rec.npz"
-    listen = subprocess.Popen([sys.executable, "-m", "cpc_stream.listen", "--connect", f"tcp://127.0.0.1:{port}",
-                               "--record", str(out), "--until-eos", "--quiet", "--silence", "20"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    listen = start_listen(port, "--record", str(out), "--until-eos", "--quiet", "--silence", "20")
     first, endpoint = start_daemon(
         path, "--file", str(UTT_2911), "--realtime", "--wait-subscribers", "1", port=port
     )
@@ -431,9 +434,7 @@ def test_listen_gives_up_on_a_silent_daemon_and_keeps_what_arrived(small_onnx, t
     path, _ = small_onnx
     port = free_port()
     out = tmp_path / "rec.npz"
-    listen = subprocess.Popen([sys.executable, "-m", "cpc_stream.listen", "--connect", f"tcp://127.0.0.1:{port}",
-                               "--record", str(out), "--until-eos", "--quiet", "--silence", "2"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    listen = start_listen(port, "--record", str(out), "--until-eos", "--quiet", "--silence", "2")
     proc, _ = start_daemon(path, "--file", str(UTT_2911), "--realtime", "--wait-subscribers", "1", port=port)
     time.sleep(3.0)
     proc.kill()
