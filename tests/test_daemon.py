@@ -527,3 +527,54 @@ def test_a_signal_stops_the_microphone_idle_or_busy(small_onnx, tmp_path, virtua
         player.kill()
     assert code == 0, err
     assert eos["mic"]["reason"] == "stopped" and time.monotonic() - t0 < 20.0
+
+
+def test_cpc_listen_skips_malformed_messages_and_keeps_recording(tmp_path):
+    """A publisher that mixes garbage (wrong frame counts, bad JSON, shapes that do not fit, NaN, a
+    version 1 message, a payload too big) with valid frames: cpc-listen records every valid frame, counts
+    the rest, and exits 0 with its recording."""
+    import zmq
+
+    from cpc_stream import protocol
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    out = tmp_path / "rec.npz"
+    listen = start_listen(port, "--record", str(out), "--quiet", "--duration", "4")
+    meta = {"instance": "i" * 16, "model": {"sample_rate": 16000, "hop": 160, "frames_per_call": 1, "enc_dim": 3,
+            "ctx_dim": 2, "n_steps": 2}, "streams": ["s"], "epochs": {"s": 0}, "kinds": ["c"],
+            "meta_interval": 1.0, "stats_interval": 1.0}  # fmt: skip
+    head = {"instance": "i" * 16, "epoch": 0, "count": 1, "t_mono": 1.0, "t_wall": 2.0}
+    garbage = [
+        [b"c.s\0", b"{}"],
+        [b"c.s\0", b"{not json", b""],
+        protocol.encode(
+            "c", "s", {**head, "seq": 50, "frame": 50}, np.zeros((1, 7), np.float32)
+        ),  # not ctx_dim
+        protocol.encode("c", "s", {**head, "seq": 51, "frame": 51}, np.array([[np.nan, 0]], np.float32)),
+        [b"c.s", b'{"v":1,"kind":"c","stream":"s"}', b""],
+        [b"c.s\0", b'{"v":2,"kind":"c","stream":"s","dtype":"<f4","shape":[1,1073741824]}', b""],
+    ]
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # until cpc-listen has subscribed, the metadata is its heartbeat
+            pub.send_multipart(protocol.encode("meta", "", meta))
+            time.sleep(0.1)
+        for seq in range(6):
+            pub.send_multipart(
+                protocol.encode(
+                    "c", "s", {**head, "seq": seq, "frame": seq}, np.full((1, 2), seq, np.float32)
+                )
+            )
+            for frames in garbage:
+                pub.send_multipart(frames)
+        _, err = listen.communicate(timeout=30)
+    finally:
+        pub.close(0)
+        ctx.term()
+    err = err.decode()
+    assert listen.returncode == 0, err
+    rec = np.load(out)
+    assert rec["s.c"][:, 0].tolist() == [0, 1, 2, 3, 4, 5] and rec["s.frame_index"].tolist() == list(range(6))
+    assert "0 gaps, 0 messages lost; 36 malformed messages skipped" in err, err
