@@ -115,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        i = model.info
+        timing = f", look-ahead {i.lookahead} samples: frames {i.delay} hop late" if i.lookahead else ""
         print(f"cpc-stream: publishing {', '.join(r.name for r in daemon.rows)} on {daemon.publisher.endpoint} "
-              f"({model.info.frames_per_call} frames per call, {model.providers[0]})", file=sys.stderr, flush=True)  # fmt: skip
+              f"({i.frames_per_call} frames per call{timing}, {model.providers[0]})", file=sys.stderr, flush=True)  # fmt: skip
         try:
             status = daemon.run()
         finally:

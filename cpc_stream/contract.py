@@ -17,10 +17,11 @@ an output whose meaning or timing changes, or a required input other than audio 
 keys added later are OPTIONAL_KEYS: absent means the default, which is what earlier graphs did.
 
 Format 2 is such a change, and only for graphs with look-ahead (a model whose frame t depends on samples
-after its hop, like CPC_audio's): their call returns frame t a delay of ceil(lookahead / hop) frames
-after the hop that a format 1 runtime would label it with. A runtime of format 1 would publish every
-frame one hop early and a first frame that is not one, so such graphs say format 2, which it refuses.
-Every other graph still says format 1 (ModelInfo.format_version): older runtimes keep serving them.
+after its hop, like CPC_audio's): frame t comes out ceil(lookahead / hop) calls' hops after the call
+that brought its own hop, where a format 1 runtime expects it. Such a runtime would publish an output
+that is no frame as frame 0 and every frame under the index of the one before, so these graphs say
+format 2, which it refuses in one line. Every other graph still says format 1
+(ModelInfo.format_version): older runtimes keep serving them.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class BatchRow:
     buffer: SourceBuffer
     epoch: int = 0  # incarnation of this stream name within the daemon's run (frames restart at 0)
     frames: int = 0  # frames published so far
-    hops: int = 0  # hops run through the model so far (frames + the model's delay, once past its start)
+    hops: int = 0  # hops run through the model in this epoch (its frames + the model's delay, past its start)
     seq: dict = field(default_factory=lambda: dict.fromkeys(protocol.DATA_KINDS, 0))
     ended: str = ""  # why the stream ended, once its eos is out ("" while it runs)
     nonfinite_reported: int = 0
