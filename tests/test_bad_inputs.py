@@ -255,13 +255,10 @@ OFFLINE_CASES = [
      r"notes\.wav is not a loadable ONNX graph", []),
     ("export-check-graph-of-another-model", "cpc-export", ["--checkpoint", "{ckpt}", "--check", "{other_graph}"],
      r"small\.onnx was exported from config \w+ step 0, not from .*checkpoint\.pt \(config \w+ step 2\)", []),
-    # cpc-export and cpc-features: CPC_audio checkpoints whose model does not stream, or lacks its arguments
+    # cpc-export and cpc-features: CPC_audio checkpoints whose model does not stream (the other refusals:
+    # tests/test_cpc_audio.py)
     ("export-cpc-audio-transformer-ar", "cpc-export", ["--checkpoint", "{cpc_audio_transformer}", "--out", "{out}/m.onnx"],
      r"transformer\.pt: CPC_audio arMode='transformer' is not supported", []),
-    ("export-cpc-audio-reverse", "cpc-export", ["--checkpoint", "{cpc_audio_reverse}", "--out", "{out}/m.onnx"],
-     r"checkpoint_2\.pt: CPC_audio cpc_mode='reverse' is not supported", []),
-    ("export-cpc-audio-without-arguments", "cpc-export", ["--checkpoint", "{cpc_audio_no_args}", "--out", "{out}/m.onnx"],
-     r"is a CPC_audio training checkpoint but .*checkpoint_args\.json \(its arguments\) is missing", []),
     ("features-cpc-audio-instance-norm", "cpc-features", ["--checkpoint", "{cpc_audio_instance_norm}", "--out", "{out}", "{good}"],
      r"CPC_audio normMode='instanceNorm' is not supported", []),
     # cpc-train: configuration
@@ -347,22 +344,13 @@ def offline_inputs(tmp_path_factory, tiny_checkpoint, small_onnx) -> dict[str, P
     p["readonly"] = d / "readonly"
     p["readonly"].mkdir()
     p["readonly"].chmod(0o555)
-    # CPC_audio checkpoints (training/cpc_audio.py): released {"config", "weights"}, and training
-    # checkpoint_N.pt = {"gEncoder", "cpcCriterion", ...} beside checkpoint_args.json
+    # CPC_audio checkpoints in its released format, {"config", "weights"} (training/cpc_audio.py)
     for name, config in (
         ("transformer", {"arMode": "transformer"}),
         ("instance_norm", {"normMode": "instanceNorm"}),
     ):
         p[f"cpc_audio_{name}"] = d / f"{name}.pt"
         torch.save({"config": config, "weights": {}}, p[f"cpc_audio_{name}"])
-    for name, args in (("reverse", {"cpc_mode": "reverse"}), ("no_args", None)):
-        (d / name).mkdir()
-        p[f"cpc_audio_{name}"] = d / name / "checkpoint_2.pt"
-        torch.save(
-            {"gEncoder": {}, "cpcCriterion": {}, "optimizer": {}, "best": None}, p[f"cpc_audio_{name}"]
-        )
-        if args is not None:
-            (d / name / "checkpoint_args.json").write_text(json.dumps(args))
     return p
 
 

@@ -13,6 +13,7 @@ tests skip, saying so; the rest run everywhere.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import types
@@ -126,14 +127,15 @@ def imported(peer, tmp_path_factory):
     return get
 
 
+@functools.cache
+def runtime(graph: Path) -> OnnxModel:
+    """The graph in onnxruntime, loaded once per test run."""
+    return OnnxModel(graph, providers="cpu")
+
+
 def stream(graph: Path, wav: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """wav through ChunkedStream in random chunks of 1..4000 samples, then finish(): every frame."""
-    chunked, rng, pieces, pos = (
-        ChunkedStream(OnnxModel(graph, providers="cpu")),
-        np.random.default_rng(seed),
-        [],
-        0,
-    )
+    chunked, rng, pieces, pos = ChunkedStream(runtime(graph)), np.random.default_rng(seed), [], 0
     while pos < len(wav):
         size = int(rng.integers(1, 4000))
         pieces.append(chunked.feed(wav[pos : pos + size]))
@@ -169,7 +171,7 @@ def test_streamed_frames_equal_cpc_audios_offline_output(imported, variant, kind
     layers, layerNorm (unbiased variance) and batchNorm (folded), both checkpoint formats, F = 1 and 4.
     Its metadata says so: look-ahead 152 samples, format 2, c and z only, the state of its own AR."""
     model, _, graph, _ = imported(variant, kind, frames)
-    info = OnnxModel(graph).info
+    info = runtime(graph).info
     ar = "gru_h,gru_h2" if variant == "gru2-batchnorm" else "lstm_h,lstm_c"
     assert (info.lookahead, info.delay, info.format_version, info.outputs) == (LOOKAHEAD, 1, 2, ("z", "c"))
     assert ",".join(info.state_names[5:-1]) == ar and info.n_steps == 0 and info.norm in ("channel", "batch")
@@ -191,7 +193,7 @@ def test_linear_predictors_stream_cpc_audios_scores(imported, frames):
     s_k(t) equals CPC_audio's own PredictionNetwork score of z_t against W_k c_{t-k} (dot / enc_dim), and
     logprob equals s_k(t) - logsumexp over the last 128 frames' z, both from CPC_audio's z and c."""
     model, criterion, graph, _ = imported("linear", "training", frames)
-    info = OnnxModel(graph).info
+    info = runtime(graph).info
     assert info.outputs[2:] == ("scores", "logprob", "valid") and (info.n_steps, info.score) == (
         12,
         "dot_scaled",
