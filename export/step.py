@@ -142,19 +142,19 @@ class CPCStep(nn.Module):
             self.norm_b = nn.ParameterList(nn.Parameter(n[1].detach().clone()) for _, _, n in layers)
             self.eps = [n[2] for _, _, n in layers]
 
-        # Look-ahead: which outputs of each layer come before index 0 in a stream's first call. Walk back
-        # from its newest frame (F - 1 - delay) to the newest input each layer reads (module docstring).
+        # Look-ahead: how many outputs of each layer a stream's first call computes before index 0 (they
+        # must read as CPC_audio's zero padding). Walk back from the call's newest frame (F - 1 - delay) to
+        # the newest input each layer reads (module docstring); none for a causal model.
         newest, self.before_start = frames_per_call - 1 - self.delay, []
         for layer in reversed(range(len(KERNELS))):
             per_call = frames_per_call * HOP // math.prod(STRIDES[: layer + 1])
             self.before_start.insert(0, per_call - 1 - newest)
             newest = STRIDES[layer] * (newest + 2) - model.encoder.left_pads[layer] - 1
         assert newest == frames_per_call * HOP - 1 - (self.conv1_cache - KERNELS[0] + STRIDES[0])
-        for layer, count in enumerate(
-            self.before_start[:-1]
-        ):  # output j of a call: index t * per_hop - count + j
-            self.register_buffer(f"from_start{layer}", torch.arange(n1 // math.prod(STRIDES[1 : layer + 1])) - count,
-                                 persistent=False)  # fmt: skip
+        for layer, count in enumerate(self.before_start[:-1]):
+            per_call = n1 // math.prod(STRIDES[1 : layer + 1])
+            # output j of a call made after t hops has index t * (per_call / F) + j - count
+            self.register_buffer(f"from_start{layer}", torch.arange(per_call) - count, persistent=False)
         self.register_buffer("frame_of_output", torch.arange(frames_per_call) - self.delay, persistent=False)
 
         # The context network. cpc-train's (one GRU layer, no look-ahead, float weights) is one ONNX GRU
@@ -226,10 +226,10 @@ class CPCStep(nn.Module):
             )
         x = torch.relu(x)
         if layer < len(KERNELS) - 1 and self.before_start[layer]:  # zero where the next layer sees padding
-            per_hop = x.shape[1] // self.frames
-            x = x * ((t.unsqueeze(1) * per_hop + getattr(self, f"from_start{layer}")) >= 0).unsqueeze(-1).to(
-                x.dtype
-            )
+            index = t.unsqueeze(1) * (x.shape[1] // self.frames) + getattr(
+                self, f"from_start{layer}"
+            )  # (B, n)
+            x = x * (index >= 0).unsqueeze(-1).to(x.dtype)
         return x
 
     def _ar_unrolled(

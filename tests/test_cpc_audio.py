@@ -330,7 +330,7 @@ def released(tmp_path: Path, **config) -> Path:
         ({"encoder_type": "mfcc"}, r"CPC_audio encoder_type='mfcc' is not supported"),
         ({"load": ["a/checkpoint_1.pt", "b/checkpoint_2.pt"]}, r"CPC_audio load=\[.*\] concatenates several models"),
         ({"hiddenEncoder": "256"}, r"CPC_audio hiddenEncoder='256' is not a positive integer"),
-        ({}, r"the weights of this CPC_audio released checkpoint do not fit its config \(LSTM x1"),
+        ({}, r"the weights of this CPC_audio released checkpoint do not fit its config \(LSTM \(1 layer\)"),
     ],
 )  # fmt: skip
 def test_configurations_it_cannot_stream_are_refused_in_one_line(tmp_path, config, message):

@@ -80,7 +80,8 @@ class CPCAudioConfig:
 
     def describe(self) -> str:
         scores = f"{self.n_steps} linear predictors" if self.n_steps else "no linear predictors: c and z only"
-        return f"{self.ar.upper()} x{self.ar_layers}, norm {self.norm}, dims {self.enc_dim}/{self.ctx_dim}, {scores}"
+        layers = f"{self.ar_layers} layer{'s' if self.ar_layers > 1 else ''}"
+        return f"{self.ar.upper()} ({layers}), norm {self.norm}, dims {self.enc_dim}/{self.ctx_dim}, {scores}"
 
 
 class ChannelNorm(nn.Module):
