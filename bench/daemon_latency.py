@@ -30,7 +30,7 @@ from cpc_stream.onnx_model import OnnxModel
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from stream_step import export_random_paper_model  # noqa: E402
+from stream_step import export_random_model  # noqa: E402
 
 
 def speech(seconds: float, out: Path) -> Path:
@@ -86,7 +86,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     audio = speech(args.seconds, tmp / "speech.wav")
     for f in (int(x) for x in args.frames.split(",")):
-        model = export_random_paper_model(f, tmp / f"f{f}.onnx")
+        model = export_random_model("paper", f, tmp / f"f{f}.onnx")
         lat, took, frames = run_daemon(model, audio, args.port, realtime=True)
         ms = np.array(lat) * 1e3
         print(f"F={f:<2} real time: {frames} frames in {took:.1f} s; latency p50 {np.percentile(ms, 50):.2f} ms, "

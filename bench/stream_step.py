@@ -1,10 +1,13 @@
 """Per-call cost of the streaming ONNX graph on onnxruntime's CPU provider, against the compute floor.
 
     python bench/stream_step.py [--model cpc.onnx] [--threads 1] [--calls 300] [--weights fp32,int8]
+    python bench/stream_step.py --models paper,cpc-audio-60k --frames 1,4 --batches 1,16 --weights fp32
 
-Without --model it exports the paper-size model (512/256, K=12, W=128) at random init for each F and
-each weight kind (fp32, and the int8 variant of `cpc-export --weights int8`; the weights' values do not
-change the cost). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times StreamBatch.step (what the
+Without --model it exports, for each F and each weight kind (fp32, and the int8 variant of `cpc-export
+--weights int8`), each of --models at random init (the weights' values do not change the cost): `paper`,
+the paper-size model (512/256, GRU, K=12, W=128), and `cpc-audio-60k`, the configuration of CPC_audio's
+Libri-light 60k model as cpc-export imports it (256/256, LSTM, channel norm, look-ahead 152 samples, no
+scores: training/cpc_audio.py). For F in {1, 2, 4, 10} and B in {1, 4, 16} streams it times StreamBatch.step (what the
 daemon runs: the state bound once through IOBinding) back to back and paced at real time (a call every
 F x 10 ms, as the daemon runs), and prints median / p99 ms per call, ms per frame per stream, the
 real-time factor of the whole batch, and the ratio to the compute floor: the model's multiply-adds per
@@ -60,16 +63,21 @@ class Floor:
 
 
 def macs_per_frame(m: OnnxModel) -> int:
-    """Multiply-adds the model needs per 10 ms frame and stream (convs, GRU, predictors, scores)."""
+    """Multiply-adds the model needs per 10 ms frame and stream (convs, GRU or LSTM layers, predictors,
+    scores); the context network's kind and depth are read from the graph's state names."""
     i = m.info
     per_hop_out = [32, 8, 4, 2, 1]  # conv outputs per 160-sample hop
     cin = [1, i.enc_dim, i.enc_dim, i.enc_dim, i.enc_dim]
     kernels = [10, 8, 4, 4, 4]
     conv = sum(o * k * c * i.enc_dim for o, k, c in zip(per_hop_out, kernels, cin, strict=True))
-    gru = 3 * (i.enc_dim * i.ctx_dim + i.ctx_dim * i.ctx_dim)
+    gates = 4 if "lstm_h" in i.state_names else 3
+    layers = sum(n.startswith(("gru_h", "lstm_h")) for n in i.state_names)
+    ar = gates * (
+        i.enc_dim * i.ctx_dim + (layers - 1) * i.ctx_dim * i.ctx_dim + layers * i.ctx_dim * i.ctx_dim
+    )
     pred = i.n_steps * i.ctx_dim * i.enc_dim
     scores = i.n_steps * i.enc_dim * (1 + i.neg_window)
-    return conv + gru + pred + scores
+    return conv + ar + pred + scores
 
 
 def time_calls(m: OnnxModel, batch: int, calls: int, paced: bool) -> np.ndarray:
@@ -93,15 +101,21 @@ def time_calls(m: OnnxModel, batch: int, calls: int, paced: bool) -> np.ndarray:
     return times
 
 
-def export_random_paper_model(frames_per_call: int, out: Path, weights: str = "fp32") -> Path:
+def export_random_model(kind: str, frames_per_call: int, out: Path, weights: str = "fp32") -> Path:
+    """kind "paper": our paper-size model; "cpc-audio-60k": CPC_audio's 60k configuration as imported."""
     import torch
     from cpc_export.graph import export_onnx
     from cpc_training.config import Config
+    from cpc_training.cpc_audio import CPCAudio, CPCAudioConfig
     from cpc_training.model import CPC
 
-    cfg = Config()
     torch.manual_seed(0)
-    export_onnx(CPC(cfg.model).eval(), cfg, 0, out, frames_per_call, 128, weights)
+    if kind == "paper":
+        cfg = Config()
+        export_onnx(CPC(cfg.model).eval(), cfg, 0, out, frames_per_call, 128, weights)
+    else:
+        cfg = CPCAudioConfig(enc_dim=256, ctx_dim=256, norm="channel", ar="lstm", ar_layers=1, n_steps=0)
+        export_onnx(CPCAudio(cfg).eval(), cfg, 0, out, frames_per_call, 128, weights)
     return out
 
 
@@ -113,6 +127,9 @@ def main() -> None:
     ap.add_argument("--frames", default="1,2,4,10")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--weights", default="fp32,int8", help="weight kinds to export (without --model)")
+    ap.add_argument(
+        "--models", default="paper", help="paper, cpc-audio-60k: what to export (without --model)"
+    )
     args = ap.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}, "
@@ -129,13 +146,14 @@ def main() -> None:
         [Path(args.model)]
         if args.model
         else [
-            export_random_paper_model(int(f), tmp / f"f{f}_{w}.onnx", w)
+            export_random_model(kind, int(f), tmp / f"{kind}_f{f}_{w}.onnx", w)
+            for kind in args.models.split(",")
             for w in args.weights.split(",")
             for f in args.frames.split(",")
         ]
     )
     print(
-        f"{'weights':>7} {'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7} {'floor GFLOP/s':>13}"
+        f"{'model':>13} {'weights':>7} {'F':>3} {'B':>3} {'mode':>7} {'med ms/call':>11} {'p99 ms/call':>11} {'ms/frame/stream':>15} {'RTF':>6} {'x floor':>7} {'floor GFLOP/s':>13}"
     )
     for path in paths:
         m = OnnxModel(path, providers="cpu", threads=args.threads, huge_pages=True)
@@ -149,7 +167,7 @@ def main() -> None:
                 med, p99 = float(np.median(t)), float(np.percentile(t, 99))
                 per_frame = med / (f * b)
                 print(
-                    f"{m.info.weights:>7} {f:>3} {b:>3} {'paced' if paced else 'b2b':>7} {med:11.3f} {p99:11.3f} {per_frame:15.3f} "
+                    f"{path.stem.split('_f')[0]:>13} {m.info.weights:>7} {f:>3} {b:>3} {'paced' if paced else 'b2b':>7} {med:11.3f} {p99:11.3f} {per_frame:15.3f} "
                     f"{med / (f * 10):6.3f} {per_frame / floor_ms:7.2f} {row_rate * 2 / 1e9:13.1f}"
                 )
         print(

@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                     *parse_host_port(cfg.metrics, "stream.metrics"), daemon.healthy
                 )
             names = ", ".join(r.name for r in daemon.local) or "nothing yet"
+            i = model.info
+            timing = f", look-ahead {i.lookahead} samples: frames {i.delay} hop late" if i.lookahead else ""
             print(f"cpc-stream: publishing {names} on {daemon.publisher.endpoint} "
-                  f"({model.info.frames_per_call} frames per call, {model.providers[0]})"
+                  f"({i.frames_per_call} frames per call{timing}, {model.providers[0]})"
                   + (f"; ingest on {ingest.url}" if ingest else "")
                   + (f"; metrics on http://{cfg.metrics}/metrics" if metrics_server else ""), file=sys.stderr, flush=True)  # fmt: skip
             status = daemon.run(serving=ingest is not None)

@@ -60,6 +60,7 @@ class BatchRow:
     index: int  # its row of the batch
     epoch: int = 0  # incarnation of this stream name within the daemon's run (frames restart at 0)
     frames: int = 0  # frames published in this epoch
+    hops: int = 0  # hops run through the model in this epoch (its frames + the model's delay, past its start)
     seq: dict = field(default_factory=lambda: dict.fromkeys(protocol.DATA_KINDS, 0))
     ended: str = ""  # why the stream ended, once its eos is out ("" while it runs)
     ready_since: float | None = None  # when it last got a whole call of audio (monotonic s)
@@ -189,7 +190,7 @@ class Daemon:
         """The metadata message (built again only when the set of streams changes)."""
         if self._meta_frames is None:
             i = self.model.info
-            hidden = ("state_shapes", "state_names", "inplace_state")
+            hidden = ("state_shapes", "state_names", "inplace_state", "outputs")
             rows = self.active()
             self._meta_frames = protocol.encode("meta", "", {
                 "instance": self.instance,
@@ -197,7 +198,7 @@ class Daemon:
                 "model": {k: v for k, v in i.__dict__.items() if k not in hidden},
                 "streams": [r.name for r in rows],
                 "epochs": {r.name: r.epoch for r in rows},
-                "kinds": ["c", "scores", *(["z"] if self.cfg.publish_z else [])],
+                "kinds": ["c", *(["scores"] if i.has_scores else []), *(["z"] if self.cfg.publish_z else [])],
                 "providers": self.model.providers,
                 "meta_interval": self.cfg.meta_interval,
                 "stats_interval": self.cfg.stats_interval,
@@ -298,8 +299,13 @@ class Daemon:
         self.metrics.call_seconds.observe(took)
         self.metrics.batch_streams.observe(len(ready))
         for k, (r, count, (t_mono, t_wall)) in enumerate(zip(ready, frames, stamps, strict=True)):
+            first = max(0, self.model.info.delay - r.hops)  # a look-ahead model's outputs before frame 0
+            r.hops += count
             try:
-                self.publish_frames(r, {name: v[k, :count] for name, v in out.items()}, t_mono, t_wall)
+                if count > first:
+                    self.publish_frames(
+                        r, {name: v[k, first:count] for name, v in out.items()}, t_mono, t_wall
+                    )
             except Exception as e:  # this stream only (a message that cannot be built or sent)
                 self.end_row(r, f"error: cannot publish: {_first_line(e)}")
             self.audio_s += count * hop / SAMPLE_RATE
@@ -309,13 +315,16 @@ class Daemon:
 
     def publish_frames(self, r: BatchRow, out: dict[str, np.ndarray], t_mono: float, t_wall: float) -> None:
         """Publish one call's frames of stream r: out {z, c, scores, logprob}, each (frames, ...).
-        Stamped with the capture time of the last frame's last sample."""
+        Stamped with the capture time of the call's last sample: the last frame's last sample, plus the
+        model's look-ahead rounded up to a hop."""
         count = len(out["c"])
         base = {
             "instance": self.instance, "epoch": r.epoch, "frame": r.frames, "count": count,
             "t_mono": round(t_mono, 6), "t_wall": round(t_wall, 6),
         }  # fmt: skip
-        payloads = {"c": out["c"], "scores": np.stack([out["scores"], out["logprob"]], axis=1)}
+        payloads = {"c": out["c"]}
+        if self.model.info.has_scores:
+            payloads["scores"] = np.stack([out["scores"], out["logprob"]], axis=1)
         if self.cfg.publish_z:
             payloads["z"] = out["z"]
         messages = [
@@ -350,7 +359,7 @@ class Daemon:
         if r.reset is not None and reason == "reset":  # the same row, zero state, a new epoch
             self.batch.reset([r.index])
             r.epoch = self.epochs[r.name] = self.epochs[r.name] + 1
-            r.frames, r.seq = 0, dict.fromkeys(protocol.DATA_KINDS, 0)
+            r.frames, r.hops, r.seq = 0, 0, dict.fromkeys(protocol.DATA_KINDS, 0)
             r.buffer.reopen()
             future, r.reset = r.reset, None
             self._meta_frames = None

@@ -12,6 +12,11 @@
 
     stream = ChunkedStream(model)                  # one stream fed in chunks of any size
     frames = stream.feed(samples)                  # {"c": (n, ctx_dim), ...} for every whole call
+    frames = stream.finish()                       # the end of the stream: its last whole hops
+
+A model with look-ahead (model.info.lookahead > 0 samples, CPC_audio's) returns each frame `delay` frames
+later: output i of a stream's call c is frame c * F + i - delay (contract.ModelInfo.delay). StreamBatch
+returns what the graph returns; ChunkedStream and the daemon drop the outputs before frame 0.
 
 The contract (inputs, outputs, state, metadata) is docs/onnx-contract.md.
 """
@@ -81,10 +86,17 @@ class OnnxModel:
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [AUDIO, *names]:
             raise UserError(f"{p}: graph inputs {inputs} are not {AUDIO} + {', '.join(names)}")
-        self._outputs = [*OUTPUT_NAMES, *(f"new_{n}" for n in names)]
-        missing = set(self._outputs) - {o.name for o in self.session.get_outputs()}
+        self._outputs = [*self.info.outputs, *(f"new_{n}" for n in names)]
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = set(self._outputs) - graph_outputs
         if missing:
             raise UserError(f"{p}: graph outputs lack {', '.join(sorted(missing))}")
+        unlisted = [n for n in OUTPUT_NAMES if n in graph_outputs and n not in self.info.outputs]
+        if unlisted:
+            raise UserError(
+                f"{p}: graph outputs {', '.join(unlisted)}, which its metadata (outputs "
+                f"{','.join(self.info.outputs)}) says it has not"
+            )
         self._dtypes = {}  # the state's dtypes are the graph's own
         for i in self.session.get_inputs()[1:]:
             if i.type not in ONNX_DTYPES:
@@ -100,9 +112,16 @@ class OnnxModel:
         the declared shapes against the graph's static dimensions, then one call on two zero streams
         against the shapes it really returns."""
         i = self.info
-        for key in ("sample_rate", "hop", "frames_per_call", "enc_dim", "ctx_dim", "n_steps", "neg_window"):
-            if getattr(i, key) < 1:
-                raise UserError(f"{source}: metadata {key} is {getattr(i, key)}, expected >= 1")
+        counts = ("n_steps", "neg_window")  # 0 exactly when the graph has no scores
+        for key in ("sample_rate", "hop", "frames_per_call", "enc_dim", "ctx_dim", *counts):
+            value = getattr(i, key)
+            if key in counts and not i.has_scores:
+                if value != 0:
+                    raise UserError(
+                        f"{source}: metadata {key} is {value}, expected 0: the graph has no scores"
+                    )
+            elif value < 1:
+                raise UserError(f"{source}: metadata {key} is {value}, expected >= 1")
         for name, dims in i.state_shapes.items():
             if not (
                 isinstance(dims, list) and dims and all(d == "B" or (type(d) is int and d >= 1) for d in dims)
@@ -152,14 +171,14 @@ class OnnxModel:
     def step(
         self, audio: np.ndarray, state: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """audio (B, frames_per_call * hop) float32 -> outputs {z, c, scores, logprob, valid}, each
-        (B, F, ...), and the new state."""
+        """audio (B, frames_per_call * hop) float32 -> outputs {z, c, scores, logprob, valid} (the
+        graph's: info.outputs), each (B, F, ...), and the new state."""
         if audio.ndim != 2 or audio.shape[1] != self.info.samples_per_call:
             raise ValueError(f"audio must be (batch, {self.info.samples_per_call}), got {audio.shape}")
         feeds = {AUDIO: np.ascontiguousarray(audio, dtype=np.float32), **state}
         values = self.session.run(self._outputs, feeds)
-        n = len(OUTPUT_NAMES)
-        return dict(zip(OUTPUT_NAMES, values[:n], strict=True)), dict(
+        n = len(self.info.outputs)
+        return dict(zip(self.info.outputs, values[:n], strict=True)), dict(
             zip(self.info.state_names, values[n:], strict=True)
         )
 
@@ -252,23 +271,49 @@ def _bind_output(binding, name: str, arr: np.ndarray) -> None:
 class ChunkedStream:
     """One audio stream fed in chunks of any size: buffers samples until whole calls are available.
 
-    feed(samples) returns the outputs of every complete call, concatenated over frames
-    ({name: (frames, ...)}); samples short of a call wait for the next feed.
+    feed(samples) returns the frames of every complete call, concatenated ({name: (frames, ...)}, the
+    graph's outputs); samples short of a call wait for the next feed. finish() ends the stream: its last
+    whole hops, short of a call, run zero-padded (as the daemon runs them) and their frames come out; a
+    final partial hop makes no frame. For a model with look-ahead the outputs before frame 0 are dropped,
+    so frame i is always row i of the concatenated results; its last `delay` hops are heard only as the
+    look-ahead of earlier frames (n hops give n - delay frames).
     """
 
     def __init__(self, model: OnnxModel):
         self.model = model
         self._batch = StreamBatch(model, 1)
         self._pending = np.zeros(0, dtype=np.float32)
+        self._hops = 0  # hops run through the model
 
     def feed(self, samples: np.ndarray) -> dict[str, np.ndarray]:
         n = self.model.info.samples_per_call
         buf = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32).ravel()])
         calls = len(buf) // n
-        outs = []
-        for i in range(calls):
-            outs.append(self._batch.step(buf[None, i * n : (i + 1) * n]))
         self._pending = buf[calls * n :]
+        return self._run([buf[i * n : (i + 1) * n] for i in range(calls)])
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The frames of the whole hops still pending (fewer than a call); the stream then starts over."""
+        info = self.model.info
+        hops = len(self._pending) // info.hop
+        audio = np.zeros(info.samples_per_call, np.float32)
+        audio[: hops * info.hop] = self._pending[: hops * info.hop]
+        out = self._run([audio] if hops else [], last_hops=hops)
+        self._batch.reset([0])
+        self._pending, self._hops = np.zeros(0, dtype=np.float32), 0
+        return out
+
+    def _run(self, calls: list[np.ndarray], last_hops: int | None = None) -> dict[str, np.ndarray]:
+        """Run each call's audio; keep the outputs that are frames: not before frame 0 (look-ahead), and
+        of the last call only its first `last_hops` (the rest ran on padding)."""
+        info = self.model.info
+        outs = []
+        for i, audio in enumerate(calls):
+            out = self._batch.step(audio[None])
+            real = info.frames_per_call if last_hops is None or i < len(calls) - 1 else last_hops
+            first = max(0, info.delay - self._hops)
+            self._hops += real
+            outs.append({k: v[0, first:real] for k, v in out.items()})
         if not outs:
-            return self.model.info.zero_outputs(0)
-        return {k: np.concatenate([o[k][0] for o in outs]) for k in OUTPUT_NAMES}
+            return info.zero_outputs(0)
+        return {k: np.concatenate([o[k] for o in outs]) for k in info.outputs}

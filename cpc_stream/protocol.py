@@ -130,9 +130,9 @@ def _kinds(v: object) -> bool:
     return _str_list(v) and set(v) <= set(DATA_KINDS)
 
 
-MODEL_KEYS = {  # the part of meta["model"] a subscriber needs; more keys may come
+MODEL_KEYS = {  # the part of meta["model"] a subscriber needs; more keys may come (lookahead: docs/protocol.md)
     "sample_rate": _int(1), "hop": _int(1), "frames_per_call": _int(1), "enc_dim": _int(1),
-    "ctx_dim": _int(1), "n_steps": _int(1),
+    "ctx_dim": _int(1), "n_steps": _int(0),  # 0: a model without scores (meta kinds lacks "scores")
 }  # fmt: skip
 
 

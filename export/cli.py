@@ -2,6 +2,12 @@
 
     cpc-export --checkpoint runs/cpc/checkpoint.pt --out cpc.onnx [--frames-per-call 4] [--weights int8]
     cpc-export --checkpoint runs/cpc/checkpoint.pt --check cpc.onnx      # prove an existing graph again
+    cpc-export --checkpoint 60k_epoch4-d0f474de.pt --out cpc60k.onnx     # a CPC_audio checkpoint
+
+The checkpoint is cpc-train's or CPC_audio's, released ({"config", "weights"}) or training
+(checkpoint_N.pt beside checkpoint_args.json): its own keys say which (training/checkpoint.py load_model;
+training/cpc_audio.py says what of CPC_audio's is supported). The proof compares a CPC_audio model's
+graph with CPC_audio's forward pass, as re-implemented there.
 
 The graph is written and proved in a private temporary folder (proof.py: several streams for many calls
 with the state threaded through, on random audio and on a real utterance, against the PyTorch model run
@@ -19,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cpc_training.checkpoint import load_checkpoint, model_from_checkpoint
+from cpc_training.checkpoint import load_model
+from cpc_training.cpc_audio import CPCAudioConfig
 from cpc_training.model import MAX_WINDOW
 
 from cpc_stream.audio import open_audio
@@ -36,15 +43,20 @@ LIMITS = {"--frames-per-call": (1, 100), "--neg-window": (1, MAX_WINDOW), "--che
 
 
 def describe(info: ModelInfo) -> str:
+    timing = f", look-ahead {info.lookahead} samples (frames {info.delay} hop late)" if info.lookahead else ""
     return (
         f"{info.weights} graph: F={info.frames_per_call} W={info.neg_window} dims {info.enc_dim}/{info.ctx_dim} "
-        f"K={info.n_steps}, step {info.train_step}, config {info.config_hash}"
+        f"K={info.n_steps}, step {info.train_step}, config {info.config_hash}{timing}"
+        + ("" if info.has_scores else ", no scores")
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpc-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="cpc-train checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint", required=True,
+        help="cpc-train checkpoint.pt, or a CPC_audio checkpoint (released .pt, or checkpoint_N.pt beside checkpoint_args.json)",
+    )  # fmt: skip
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="output .onnx file: export, prove, then write it")
     target.add_argument(
@@ -83,15 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{flag} {value}: expected {lo}..{hi}")
         open_audio(args.check_audio).close()  # a bad --check-audio fails now, not after the export
         out = check_writable(args.out, "--out") if args.out else None
-        ckpt = load_checkpoint(args.checkpoint)
-        model, cfg = model_from_checkpoint(ckpt)
+        model, cfg, step = load_model(args.checkpoint)
+        source = ""
+        if isinstance(cfg, CPCAudioConfig):
+            source = f"CPC_audio {Path(args.checkpoint).name}"
+            print(f"cpc-export: {source}: {cfg.describe()}, look-ahead {model.lookahead} samples")
         if out is None:
             path = Path(args.check)
             info = OnnxModel(path, providers="cpu", threads=1).info
-            if (info.config_hash, info.train_step) != (cfg.model_hash(), ckpt["step"]):
+            if (info.config_hash, info.train_step) != (cfg.model_hash(), step):
                 raise UserError(
                     f"{path} was exported from config {info.config_hash} step {info.train_step}, not from "
-                    f"{args.checkpoint} (config {cfg.model_hash()} step {ckpt['step']})"
+                    f"{args.checkpoint} (config {cfg.model_hash()} step {step})"
                 )
             print(f"cpc-export: checking {describe(info)}")
             prove(path, model, Path(args.check_audio), args.check_calls)
@@ -100,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="cpc-export-") as tmp:
             graph = Path(tmp) / out.name
             info = export_onnx(
-                model, cfg, ckpt["step"], graph, args.frames_per_call, args.neg_window, args.weights
+                model, cfg, step, graph, args.frames_per_call, args.neg_window, args.weights, source
             )
             print(f"cpc-export: wrote {describe(info)}")
             prove(graph, model, Path(args.check_audio), args.check_calls)

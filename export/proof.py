@@ -6,6 +6,11 @@ onnxruntime runs the graph (through the runtime's own loader and StreamBatch, ri
 3 streams for many consecutive calls with the state threaded through, on random audio and on a real
 utterance, and the model runs offline on each whole stream; z, c, the scores and log-probabilities must
 agree within TOLERANCE (float32 weights) or TOLERANCE_INT8 (docs/onnx-contract.md, "The proof").
+
+`model` is whatever training/checkpoint.py's load_model returns: our CPC, or a CPC_audio model. A model
+with look-ahead returns its frames `delay` calls' worth of hops late (contract.ModelInfo.delay): the
+streamed frames are compared with the offline frames of the same index, every offline frame but the
+last `delay` (those read CPC_audio's padding after the end instead of audio: they are never streamed).
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from cpc_training.config import SAMPLE_RATE
-from cpc_training.model import CPC, prediction_scores
+from cpc_training.model import prediction_scores
+from torch import nn
 
 from cpc_stream.audio import load_audio
-from cpc_stream.contract import OUTPUT_NAMES
 from cpc_stream.errors import UserError
 from cpc_stream.onnx_model import OnnxModel, StreamBatch
 
@@ -33,7 +38,7 @@ TOLERANCE_INT8 = {"z": 0.1, "c": 0.05, "scores": 0.1, "logprob": 0.1}
 
 
 def check_streams(
-    model: CPC, audio_file: Path | None, calls: int, samples_per_call: int, seed: int = 0
+    model: nn.Module, audio_file: Path | None, calls: int, samples_per_call: int, seed: int = 0
 ) -> np.ndarray:
     """The audio the proof runs: 3 streams of `calls` calls each: white noise, a real utterance (looped
     to length), and the same utterance quieter and shifted. (3, calls * samples_per_call) float32."""
@@ -48,24 +53,31 @@ def check_streams(
 
 
 @torch.no_grad()
-def compare(path: Path, model: CPC, audio: np.ndarray) -> dict[str, float]:
-    """Run the graph hop by hop on each row of `audio` as the daemon does (StreamBatch: state bound once,
-    rings updated in place) and the model offline on the whole rows; return the max abs difference of
-    each output (NaN positions must agree)."""
+def compare(path: Path, model: nn.Module, audio: np.ndarray) -> dict[str, float]:
+    """Run the graph hop by hop on each row of `audio` (whole calls) as the daemon does (StreamBatch:
+    state bound once, rings updated in place) and the model offline on the whole rows; return the max
+    abs difference of each output (NaN positions must agree). With look-ahead the streamed frames are
+    the offline frames but the last `delay` (module docstring)."""
     runtime = OnnxModel(path, providers="cpu", threads=1)
-    n = runtime.info.samples_per_call
+    info = runtime.info
+    n = info.samples_per_call
     streams = StreamBatch(runtime, audio.shape[0])
-    got: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUT_NAMES}
+    got: dict[str, list[np.ndarray]] = {k: [] for k in info.outputs}
     for i in range(audio.shape[1] // n):
         out = streams.step(audio[:, i * n : (i + 1) * n])
-        for k in OUTPUT_NAMES:
+        for k in info.outputs:
             got[k].append(out[k])
-    stream = {k: np.concatenate(v, axis=1) for k, v in got.items()}
+    stream = {k: np.concatenate(v, axis=1)[:, info.delay :] for k, v in got.items()}  # frames 0, 1, ...
     z, c = model(torch.from_numpy(audio))
-    scores, logprob, valid = prediction_scores(model, z, c, runtime.info.neg_window)
-    ref = {"z": z.numpy(), "c": c.numpy(), "scores": scores.numpy(), "logprob": logprob.numpy()}
-    if not np.array_equal(stream["valid"], np.broadcast_to(valid.numpy(), stream["valid"].shape)):
-        raise AssertionError("valid mask differs from the offline model")
+    frames = stream["c"].shape[1]  # offline: `delay` more
+    ref = {"z": z.numpy()[:, :frames], "c": c.numpy()[:, :frames]}
+    if info.has_scores:
+        scores, logprob, valid = prediction_scores(model, z, c, info.neg_window)
+        ref.update(scores=scores.numpy()[:, :frames], logprob=logprob.numpy()[:, :frames])
+        if not np.array_equal(
+            stream["valid"], np.broadcast_to(valid.numpy()[:frames], stream["valid"].shape)
+        ):
+            raise AssertionError("valid mask differs from the offline model")
     diffs = {}
     for k, r in ref.items():
         s = stream[k]
@@ -75,7 +87,7 @@ def compare(path: Path, model: CPC, audio: np.ndarray) -> dict[str, float]:
     return diffs
 
 
-def prove(path: Path, model: CPC, check_audio: Path = DEFAULT_CHECK_AUDIO, calls: int = 200) -> None:
+def prove(path: Path, model: nn.Module, check_audio: Path = DEFAULT_CHECK_AUDIO, calls: int = 200) -> None:
     """Compare graph `path` with `model` on the random streams and on `check_audio`'s speech streams, each
     3 streams x `calls` calls; print one `cpc-export: check ...` line per set of streams. Raises UserError
     naming every output above its tolerance (TOLERANCE, or TOLERANCE_INT8 for an int8 graph)."""

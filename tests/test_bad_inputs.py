@@ -1,6 +1,7 @@
-"""The bad-input matrix: for each bad input to cpc-stream, cpc-features, cpc-export and cpc-train, the exit
-code, exactly one line on stderr that names the problem, no traceback, and nothing already produced lost
-(the other streams' frames and end of stream, the other files' outputs).
+"""The bad-input matrix: for each bad input to cpc-stream, cpc-features, cpc-export and cpc-train (CPC_audio
+checkpoints that cannot be streamed among them), the exit code, exactly one line on stderr that names the
+problem, no traceback, and nothing already produced lost (the other streams' frames and end of stream,
+the other files' outputs).
 
 Every command runs as its own process, as a user would run it."""
 
@@ -272,6 +273,12 @@ OFFLINE_CASES = [
      r"notes\.wav is not a loadable ONNX graph", []),
     ("export-check-graph-of-another-model", "cpc-export", ["--checkpoint", "{ckpt}", "--check", "{other_graph}"],
      r"small\.onnx was exported from config \w+ step 0, not from .*checkpoint\.pt \(config \w+ step 2\)", []),
+    # cpc-export and cpc-features: CPC_audio checkpoints whose model does not stream (the other refusals:
+    # tests/test_cpc_audio.py)
+    ("export-cpc-audio-transformer-ar", "cpc-export", ["--checkpoint", "{cpc_audio_transformer}", "--out", "{out}/m.onnx"],
+     r"transformer\.pt: CPC_audio arMode='transformer' is not supported", []),
+    ("features-cpc-audio-instance-norm", "cpc-features", ["--checkpoint", "{cpc_audio_instance_norm}", "--out", "{out}", "{good}"],
+     r"CPC_audio normMode='instanceNorm' is not supported", []),
     # cpc-train: configuration
     ("train-unknown-key", "cpc-train", [*TINY_TRAIN, "train.out_dir={out}", "train.nosuch=1"],
      r"unknown config key 'train\.nosuch'", []),
@@ -355,6 +362,13 @@ def offline_inputs(tmp_path_factory, tiny_checkpoint, small_onnx) -> dict[str, P
     p["readonly"] = d / "readonly"
     p["readonly"].mkdir()
     p["readonly"].chmod(0o555)
+    # CPC_audio checkpoints in its released format, {"config", "weights"} (training/cpc_audio.py)
+    for name, config in (
+        ("transformer", {"arMode": "transformer"}),
+        ("instance_norm", {"normMode": "instanceNorm"}),
+    ):
+        p[f"cpc_audio_{name}"] = d / f"{name}.pt"
+        torch.save({"config": config, "weights": {}}, p[f"cpc_audio_{name}"])
     return p
 
 

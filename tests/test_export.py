@@ -362,7 +362,7 @@ def test_gru_spelt_out_as_matmuls_equals_the_gru(trained):
     names = [*OUTPUT_NAMES, *(f"new_{n}" for n in STATE_NAMES)]
     with torch.no_grad():
         ref = dict(zip(names, CPCStep(model, 4, 8)(audio, *state.values()), strict=True))
-        got = dict(zip(names, CPCStep(model, 4, 8, gru_as_matmuls=True)(audio, *state.values()), strict=True))
+        got = dict(zip(names, CPCStep(model, 4, 8, ar_as_matmuls=True)(audio, *state.values()), strict=True))
     assert torch.allclose(got["c"], ref["c"], atol=1e-6) and torch.allclose(
         got["new_gru_h"], ref["new_gru_h"], atol=1e-6
     )
@@ -390,7 +390,7 @@ def test_int8_variant_quantises_every_big_matrix_and_says_so(int8_pair):
     # quantised by one QuantizeLinear block. The GRU's input and hidden products and the predictor (all
     # K = 4 steps in one product): block-wise 8-bit weights. conv1 (10 input rows) stays float.
     assert ops.count("MatMulInteger") == 4 and ops.count("QuantizeLinear") == 4
-    assert blockwise == {"gru_w_ih_Q8", "gru_w_hh_Q8", "pred_w_Q8"}
+    assert blockwise == {"ar_w_ih.0_Q8", "ar_w_hh.0_Q8", "pred_w_Q8"}
     # Float products left: conv1, the scores against the z ring, and the sum of the exponentiated
     # scores over each frame's window.
     assert "GRU" not in ops and ops.count("MatMul") == 3

@@ -3,6 +3,8 @@
     save_checkpoint(path, state)            # atomically: a kill at any moment leaves the last good file
     ckpt = load_checkpoint(path)            # dict: model, config, step (+ optimizer, scheduler)
     model, cfg = model_from_checkpoint(ckpt)
+    model, cfg, step = load_model(path)     # what cpc-export, cpc-features and cpc-eval take: this, or a
+                                            # CPC_audio checkpoint (cpc_audio.py)
 
 A checkpoint is torch.save's zip of a dict with at least `model` (the state dict), `config` (the Config
 as a nested dict) and `step` (int, optimiser steps taken); cpc-train adds `optimizer`, `scheduler` and
@@ -12,16 +14,19 @@ program's file, weights that do not fit the config) is a one-line UserError nami
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cpc_stream.errors import UserError
 from cpc_stream.files import atomic_write
 
 from . import config as config_mod
 from .config import Config
+from .cpc_audio import CPCAudioConfig, is_cpc_audio, load_cpc_audio
 from .model import CPC
 
 CHECKPOINT = "checkpoint.pt"  # its name in train.out_dir
@@ -43,8 +48,11 @@ def damaged_member(path: Path) -> str | None:
         return f"the zip itself ({e})"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a cpc-train checkpoint; a missing, damaged or foreign file is a one-line UserError."""
+def read_file(
+    path: str | Path, map_location: str | torch.device = "cpu", weights_only: bool = False
+) -> object:
+    """torch.load of a checkpoint file that exists and is intact; anything else is a one-line UserError.
+    weights_only: read tensors and plain data only (pickle.UnpicklingError for anything else)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"checkpoint {p} is a folder; give the checkpoint.pt file")
@@ -55,19 +63,55 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if bad is not None:
             raise UserError(f"checkpoint {p} is damaged: CRC mismatch in {bad}; use an intact copy")
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=False)
+        return torch.load(p, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError:
+        if weights_only:
+            raise
+        raise UserError(f"checkpoint {p} is unreadable (not a torch.save file)") from None
     except Exception as e:  # torch raises many types for a damaged file
         raise UserError(
             f"checkpoint {p} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a cpc-train checkpoint; a missing, damaged or foreign file is a one-line UserError."""
+    return _cpc_train_checkpoint(read_file(path, map_location), Path(path))
+
+
+def _cpc_train_checkpoint(ckpt: object, p: Path, cpc_audio_too: bool = False) -> dict:
+    """ckpt, checked to be a cpc-train checkpoint. cpc_audio_too: the caller takes CPC_audio's as well."""
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= ckpt.keys():
-        raise UserError(f"checkpoint {p} is not a cpc-train checkpoint (no model/config/step)")
+        if is_cpc_audio(ckpt) and not cpc_audio_too:
+            raise UserError(f"checkpoint {p} is CPC_audio's; this command needs a cpc-train checkpoint")
+        also = " nor a CPC_audio one (config/weights, or gEncoder/cpcCriterion)" if cpc_audio_too else ""
+        raise UserError(f"checkpoint {p} is not a cpc-train checkpoint (no model/config/step){also}")
     step = ckpt["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise UserError(f"checkpoint {p}: step is {step!r}, expected an integer >= 0")
     if not isinstance(ckpt["config"], dict):
         raise UserError(f"checkpoint {p}: config is a {type(ckpt['config']).__name__}, expected a mapping")
     return ckpt
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, Config | CPCAudioConfig, int]:
+    """The model of any checkpoint that cpc-export, cpc-features and cpc-eval take, in eval mode on the
+    CPU, with its configuration (whose model_hash() an exported graph records) and training step:
+    - a cpc-train checkpoint: (CPC, Config, step);
+    - a CPC_audio checkpoint, released or training (cpc_audio.py): (CPCAudio, CPCAudioConfig, 0).
+    The file's own keys say which it is. It is read with weights_only first (tensors and plain data, no
+    code runs: how torch.hub reads a downloaded checkpoint); only a cpc-train checkpoint may need more.
+    A missing, damaged, foreign or unsupported file is a one-line UserError."""
+    try:
+        saved = read_file(path, weights_only=True)
+    except pickle.UnpicklingError:  # more than tensors and plain data: only a cpc-train checkpoint may be
+        saved = _cpc_train_checkpoint(read_file(path), Path(path), cpc_audio_too=True)
+    if is_cpc_audio(saved):
+        model = load_cpc_audio(saved, path)
+        return model, model.cfg, 0
+    ckpt = _cpc_train_checkpoint(saved, Path(path), cpc_audio_too=True)
+    model, cfg = model_from_checkpoint(ckpt)
+    return model, cfg, ckpt["step"]
 
 
 def model_from_checkpoint(ckpt: dict) -> tuple[CPC, Config]:

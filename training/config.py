@@ -19,6 +19,20 @@ from cpc_stream.contract import HOP, SAMPLE_RATE  # noqa: F401 (re-exported: tra
 KERNELS = (10, 8, 4, 4, 4)
 STRIDES = (5, 4, 2, 2, 2)
 assert math.prod(STRIDES) == HOP, "the encoder's total stride must be the contract's hop"
+CAUSAL_PADS = tuple(
+    k - s for k, s in zip(KERNELS, STRIDES, strict=True)
+)  # each conv's left padding: 5 4 2 2 2
+
+
+def lookahead(left_pads: Sequence[int]) -> int:
+    """Samples after frame t's own hop that frame t depends on, for the encoder's convs padded on the left
+    by `left_pads` zeros each: 0 for CAUSAL_PADS, 152 (9.5 ms) for CPC_audio's 3, 2, 1, 1, 1. Walks from
+    frame 0 back through the layers to the newest input each one reads (output j of a conv reads inputs
+    stride * j - pad .. stride * j - pad + kernel - 1)."""
+    newest = 0
+    for k, s, p in reversed(list(zip(KERNELS, STRIDES, left_pads, strict=True))):
+        newest = s * newest - p + k - 1
+    return newest - (HOP - 1)
 
 
 @dataclass

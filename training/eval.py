@@ -6,6 +6,10 @@
     cpc-eval ablate  ...data arguments... --out DIR [train.max_steps=1500 ...]   train + probe Table 2
     cpc-eval plots   --checkpoint CKPT --root DIR --test-split F --out DIR   Figure 3 and a t-SNE
 
+CKPT is a cpc-train checkpoint or, for the probes, a CPC_audio one (as cpc-export takes it: the
+Libri-light 60k model, say), so that ours and theirs are probed on the same data. A CPC_audio frame has
+heard 9.5 ms past its hop, so --label-delay 1 already pairs it with a label whose window it has heard.
+
 Protocol (van den Oord et al., 2018, section 3.1; CPC_audio's linear_separability): a linear softmax
 classifier on frozen features, trained on the utterances of train_split.txt and reported as frame
 accuracy on test_split.txt; features standardised with the training set's statistics; no averaging over
@@ -32,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from cpc_stream.audio import load_audio
 from cpc_stream.errors import UserError, run_cli
 from cpc_stream.probe import LinearProbe
 
 from . import config as config_mod
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_model
 from .config import SAMPLE_RATE
 from .data import Utterance, check_labels, read_phone_labels, read_split, scan_librispeech, select_ids
 from .model import CPC
@@ -75,7 +80,9 @@ def mfcc(wav: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def features(kind: str, model: CPC | None, utts: list[Utterance], device: torch.device) -> list[np.ndarray]:
+def features(
+    kind: str, model: nn.Module | None, utts: list[Utterance], device: torch.device
+) -> list[np.ndarray]:
     """Per utterance: (frames, 39) MFCC features when kind is "mfcc", else (frames, ctx_dim) c_t of model."""
     out = []
     for u in utts:
@@ -138,7 +145,7 @@ def probe_accuracy(
 
 
 def split_features(
-    kind: str, model: CPC | None, data: dict, device: torch.device
+    kind: str, model: nn.Module | None, data: dict, device: torch.device
 ) -> dict[str, list[np.ndarray]]:
     return {split: features(kind, model, data[split], device) for split in ("train", "test")}
 
@@ -165,17 +172,18 @@ def load_eval_data(args, need_phones: bool) -> dict:
     return data
 
 
-def encoders(args, device: torch.device) -> dict[str, CPC | None]:
-    """The feature extractors to compare: cpc (if a checkpoint is given), random, mfcc."""
-    out: dict[str, CPC | None] = {}
-    cfg = config_mod.Config()
+def encoders(args, device: torch.device) -> dict[str, nn.Module | None]:
+    """The feature extractors to compare: cpc (if a checkpoint is given: cpc-train's or CPC_audio's),
+    random (the same architecture at random init), mfcc."""
+    out: dict[str, nn.Module | None] = {}
+    model = CPC(config_mod.Config().model)
     if args.checkpoint:
-        model, cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        model, _, _ = load_model(args.checkpoint)
         out["cpc"] = model.to(device)
     kinds = [b for b in args.baselines.split(",") if b]
     if "random" in kinds:
         torch.manual_seed(args.seed)
-        out["random"] = CPC(cfg.model).eval().to(device)
+        out["random"] = type(model)(model.cfg).eval().to(device)
     for kind in MFCC_DELAY:
         if kind in kinds:
             out[kind] = None
@@ -242,7 +250,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", required=True)
     p.add_argument("--test-split", required=True)
     p.add_argument("--phones", help="converted_aligned_phones.txt")
-    p.add_argument("--checkpoint", help="cpc-train checkpoint (omit to run baselines only)")
+    p.add_argument("--checkpoint", help="cpc-train or CPC_audio checkpoint (omit to run baselines only)")
     p.add_argument(
         "--baselines",
         default="random,mfcc",

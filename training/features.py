@@ -1,9 +1,13 @@
 """cpc-features: offline z_t, c_t and k-step prediction scores for audio files, from a checkpoint.
 
     cpc-features --checkpoint runs/cpc/checkpoint.pt --out feats/ a.flac b.wav ...
+    cpc-features --checkpoint 60k_epoch4-d0f474de.pt --out feats/ a.flac       # a CPC_audio model
 
 Writes feats/<name>.npz with z (frames, enc_dim), c (frames, ctx_dim), scores and logprob (frames, K;
-NaN where t - k < 0) as float32, and hop / sample_rate; frames = samples at 16 kHz // 160. Any format,
+NaN where t - k < 0; only for a model with linear predictors) as float32, and hop / sample_rate; frames
+= samples at 16 kHz // 160. The checkpoint is cpc-train's or CPC_audio's (training/checkpoint.py
+load_model); a CPC_audio model's frames are CPC_audio's own offline output, its last frame included
+(computed on its zero padding after the end, as CPC_audio computes it). Any format,
 rate and channel count soundfile reads is accepted (mixed to mono, resampled with soxr). extract() is the
 whole-utterance reference that the streaming graph and the daemon are checked against.
 
@@ -28,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from torch import nn
 
 from cpc_stream.audio import Resampler, open_audio
 from cpc_stream.errors import UserError, run_cli
 from cpc_stream.files import NpzWriter
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import load_model
 from .config import HOP, SAMPLE_RATE
-from .model import CPC, MAX_WINDOW, prediction_scores
+from .model import MAX_WINDOW, prediction_scores
 
 # Audio run through the model at once. What it bounds: peak RSS 0.57-0.66 GB with the paper-size model,
 # for 1 minute or 2 hours alike (bench/features_memory.py); the conv1 activations of one piece dominate.
@@ -43,50 +48,60 @@ CHUNK_SECONDS = 10
 
 
 @torch.no_grad()
-def extract(model: CPC, wav: np.ndarray, window: int = 128) -> dict[str, np.ndarray]:
-    """wav (samples,) float32 at 16 kHz -> dict of z, c, scores, logprob, each (frames, ...) float32."""
+def extract(model: nn.Module, wav: np.ndarray, window: int = 128) -> dict[str, np.ndarray]:
+    """wav (samples,) float32 at 16 kHz -> dict of z, c and, with predictors, scores, logprob, each
+    (frames, ...) float32."""
     x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]
     z, c = model(x)
-    scores, logprob, _ = prediction_scores(model, z, c, window)
-    return {
-        "z": z[0].numpy(),
-        "c": c[0].numpy(),
-        "scores": scores[0].numpy(),
-        "logprob": logprob[0].numpy(),
-    }
+    out = {"z": z[0].numpy(), "c": c[0].numpy()}
+    if model.predictor is not None:
+        scores, logprob, _ = prediction_scores(model, z, c, window)
+        out.update(scores=scores[0].numpy(), logprob=logprob[0].numpy())
+    return out
 
 
 class Extractor:
     """extract(), one piece of audio after another with the model's state carried between them: the
-    pieces' outputs, concatenated, are extract() of the whole audio (to float rounding)."""
+    pieces' outputs, concatenated with finish()'s, are extract() of the whole audio (to float rounding).
+    A model with look-ahead (CPC_audio's) returns each frame once the piece holding its last sample has
+    come, and its last frames from finish()."""
 
-    def __init__(self, model: CPC, window: int = 128):
+    def __init__(self, model: nn.Module, window: int = 128):
         self.model, self.window = model, window
-        self.context: list[torch.Tensor] | None = None  # the encoder's, None at the start
-        self.h: torch.Tensor | None = None  # GRU hidden state (1, 1, ctx_dim)
+        self.context = None  # the encoder's, None at the start
+        self.state = None  # the context network's (a torch GRU's or LSTM's), None at the start
         # The scores of frame t read c_{t-K} .. c_{t-1} and z_{t-W} .. z_{t-1}: the last max(W, K) frames
         # of both go in front of the next piece (frames before the start are masked as in extract()).
         self.keep = max(window, model.cfg.n_steps)
         self.z_tail = torch.zeros(1, 0, model.cfg.enc_dim)
         self.c_tail = torch.zeros(1, 0, model.cfg.ctx_dim)
 
-    @torch.no_grad()
     def __call__(self, wav: np.ndarray) -> dict[str, np.ndarray]:
-        """wav (samples,) float32 at 16 kHz, a whole number (>= 1) of 160-sample hops -> dict of z, c,
-        scores, logprob for its samples // 160 frames, as extract()."""
-        x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]
-        z, self.context = self.model.encoder.chunk(x, self.context)
-        c, self.h = self.model.gru(z, self.h)
-        z_all, c_all = torch.cat([self.z_tail, z], dim=1), torch.cat([self.c_tail, c], dim=1)
-        scores, logprob, _ = prediction_scores(self.model, z_all, c_all, self.window)
-        old = self.z_tail.shape[1]
-        self.z_tail, self.c_tail = z_all[:, -self.keep :].clone(), c_all[:, -self.keep :].clone()
-        return {
-            "z": z[0].numpy(),
-            "c": c[0].numpy(),
-            "scores": scores[0, old:].numpy(),
-            "logprob": logprob[0, old:].numpy(),
-        }
+        """wav (samples,) float32 at 16 kHz, a whole number (>= 1) of 160-sample hops -> dict of z, c (and
+        scores, logprob) of the frames it completes: its samples // 160 for a causal model."""
+        return self._run(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None], last=False)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The frames still waiting for audio after the end: a look-ahead model's last; none else."""
+        return self._run(torch.zeros(1, 0), last=True)
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor, last: bool) -> dict[str, np.ndarray]:
+        if x.shape[1] or self.model.lookahead:
+            z, self.context = self.model.encoder.chunk(x, self.context, last)
+        else:  # the end of a causal model's audio: no frame waits
+            z = self.z_tail[:, :0]
+        c = self.c_tail[:, :0]
+        if z.shape[1]:
+            c, self.state = self.model.ar(z, self.state)
+        out = {"z": z[0].numpy(), "c": c[0].numpy()}
+        if self.model.predictor is not None:
+            z_all, c_all = torch.cat([self.z_tail, z], dim=1), torch.cat([self.c_tail, c], dim=1)
+            scores, logprob, _ = prediction_scores(self.model, z_all, c_all, self.window)
+            old = self.z_tail.shape[1]
+            self.z_tail, self.c_tail = z_all[:, -self.keep :].clone(), c_all[:, -self.keep :].clone()
+            out.update(scores=scores[0, old:].numpy(), logprob=logprob[0, old:].numpy())
+        return out
 
 
 def pieces(f: sf.SoundFile, resample: Resampler, samples: int) -> Iterator[np.ndarray]:
@@ -109,12 +124,14 @@ def pieces(f: sf.SoundFile, resample: Resampler, samples: int) -> Iterator[np.nd
             pending = pending[n:]
 
 
-def features_file(model: CPC, path: str, dest: Path, window: int, chunk_seconds: float) -> int:
+def features_file(model: nn.Module, path: str, dest: Path, window: int, chunk_seconds: float) -> int:
     """Write the features of audio file `path` to `dest` (.npz, atomically); returns the frame count.
     Warnings (non-finite samples, a file shorter than one hop) go to stderr; a file that cannot be read
     is a UserError and leaves dest as it was."""
     cfg = model.cfg
-    rows = {"z": (cfg.enc_dim,), "c": (cfg.ctx_dim,), "scores": (cfg.n_steps,), "logprob": (cfg.n_steps,)}
+    rows = {"z": (cfg.enc_dim,), "c": (cfg.ctx_dim,)}
+    if model.predictor is not None:
+        rows.update(scores=(cfg.n_steps,), logprob=(cfg.n_steps,))
     extractor = Extractor(model, window)
     samples = max(1, round(chunk_seconds * SAMPLE_RATE / HOP)) * HOP
     try:
@@ -123,6 +140,8 @@ def features_file(model: CPC, path: str, dest: Path, window: int, chunk_seconds:
             for piece in pieces(f, resample, samples):
                 for name, value in extractor(piece).items():
                     out.append(name, value)
+            for name, value in extractor.finish().items():
+                out.append(name, value)
             if resample.nonfinite:
                 print(
                     f"cpc-features: warning: {path}: {resample.nonfinite} non-finite samples (NaN or Inf) "
@@ -143,7 +162,11 @@ def features_file(model: CPC, path: str, dest: Path, window: int, chunk_seconds:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpc-features", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="cpc-train checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="cpc-train checkpoint.pt, or a CPC_audio checkpoint (as cpc-export)",
+    )
     parser.add_argument("--out", required=True, help="output folder for <name>.npz (created if missing)")
     parser.add_argument(
         "--window", type=int, default=128, help=f"negatives window for logprob, 1..{MAX_WINDOW} frames"
@@ -163,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; give a folder")
-        model, _cfg = model_from_checkpoint(load_checkpoint(args.checkpoint))
+        model, _cfg, _step = load_model(args.checkpoint)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HOP, KERNELS, STRIDES, ModelConfig
+from .config import CAUSAL_PADS, HOP, KERNELS, STRIDES, ModelConfig
 
 
 class ChannelNorm(nn.Module):
@@ -41,6 +41,8 @@ class ChannelNorm(nn.Module):
 class Encoder(nn.Module):
     """g_enc: five strided Conv1d layers with left padding, each followed by a per-frame norm and ReLU."""
 
+    left_pads = CAUSAL_PADS  # zeros in front of each conv's input; no look-ahead
+
     def __init__(self, dim: int, norm: str):
         super().__init__()
         chans = [1] + [dim] * len(KERNELS)
@@ -59,14 +61,25 @@ class Encoder(nn.Module):
         """wav (batch, samples) -> z (batch, samples // 160, dim). Trailing samples short of a hop are dropped."""
         return self.chunk(wav[:, : wav.shape[-1] // HOP * HOP], None)[0]
 
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor, tuple | None]]:
+        """The encoder as the streaming step computes it, per layer: conv weight (out, in, kernel), bias
+        (out,), and the norm after it as ONNX LayerNormalization's (weight (C,), bias (C,), eps), or None."""
+        return [
+            (conv.weight, conv.bias, (norm.weight.flatten(), norm.bias.flatten(), norm.eps))
+            if isinstance(norm, ChannelNorm)
+            else (conv.weight, conv.bias, None)
+            for conv, norm in zip(self.convs, self.norms, strict=True)
+        ]
+
     def chunk(
-        self, wav: torch.Tensor, context: list[torch.Tensor] | None
+        self, wav: torch.Tensor, context: list[torch.Tensor] | None, last: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The encoder on one piece of a longer audio, after the pieces that left `context` (None: the
         start, where every layer sees zeros, its left padding). wav (batch, samples), a whole number of
         160-sample hops (at least one) -> z (batch, samples // 160, dim) and the context for the next
         piece: each layer's last kernel - stride input steps, (batch, channels, kernel - stride). Pieces
-        give the frames of the whole audio run at once (to float rounding)."""
+        give the frames of the whole audio run at once (to float rounding). `last` is not needed: no
+        frame waits for later audio."""
         x, new_context = wav[:, None, :], []
         for i, (conv, norm, k, s) in enumerate(zip(self.convs, self.norms, KERNELS, STRIDES, strict=True)):
             x = F.pad(x, (k - s, 0)) if context is None else torch.cat([context[i], x], dim=-1)
@@ -86,11 +99,18 @@ class CPC(nn.Module):
         # All K predictors in one matrix: output k-1 of the reshaped result is W_k c.
         self.predictor = nn.Linear(cfg.ctx_dim, cfg.n_steps * cfg.enc_dim, bias=False)
 
+    lookahead = 0  # samples after its hop that a frame depends on: none, the model is causal
+
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wav (batch, samples) -> z (batch, frames, enc_dim), c (batch, frames, ctx_dim)."""
         z = self.encoder(wav)
         c, _ = self.gru(z)
         return z, c
+
+    @property
+    def ar(self) -> nn.GRU:
+        """The context network (what the tools that also run CPC_audio's models call it)."""
+        return self.gru
 
     def predict(self, c: torch.Tensor) -> torch.Tensor:
         """c (..., ctx_dim) -> W_k c for every k: (..., K, enc_dim)."""
