@@ -355,7 +355,7 @@ def test_the_docs_ingest_example_and_close_codes_are_the_codes():
     from cpc_stream import ingest
 
     doc = (REPO / "docs/protocol.md").read_text()
-    hello = re.search(r"ws\.send\(json\.dumps\((\{\"type\": \"hello\".*?\})\)\)", doc).group(1)
+    hello = re.search(r"(\{\"type\": \"hello\".*?\})", doc.split("## Audio in")[1], re.S).group(1)
     h = ingest.parse_hello(hello)
     assert (h.stream, h.sample_rate, h.channels, h.format, h.frame_bytes) == ("alice", 48000, 2, "int16", 4)
     for code in (
