@@ -133,7 +133,7 @@ class Daemon:
         self.epochs[source.name] = epoch
         capacity = int(self.cfg.queue_seconds * SAMPLE_RATE) + self.model.info.samples_per_call
         row = self.rows[index] = BatchRow(source, SourceBuffer(capacity, self.wakeup), index, epoch)
-        self.metrics.streams_total.labels(source=getattr(source, "kind", "local")).inc()
+        self.metrics.streams_total.labels(source=source.kind).inc()
         self._meta_frames = None
         return row
 
@@ -167,7 +167,7 @@ class Daemon:
             raise Refused(GOING_AWAY, "the daemon is stopping")
         if any(r.name == source.name and not r.ended for r in self.active()):
             raise Refused(POLICY, f"stream name {source.name!r} is in use; choose another")
-        network = sum(1 for r in self.active() if getattr(r.source, "kind", "") == "websocket")
+        network = sum(1 for r in self.active() if r.source.kind == "websocket")
         if network >= self.max_streams or None not in self.rows:
             raise Refused(
                 TRY_LATER,
