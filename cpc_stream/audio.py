@@ -53,7 +53,7 @@ def open_audio(path: str | Path) -> sf.SoundFile:
     reason = unreadable_reason(path)
     if reason is None:
         try:
-            return sf.SoundFile(str(path))
+            return sf.SoundFile(os.fsencode(path))  # bytes: any name the file system gives, UTF-8 or not
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
             reason = f"not a readable audio file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     raise UserError(f"cannot read audio file {path}: {reason}")

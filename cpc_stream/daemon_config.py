@@ -1,4 +1,4 @@
-"""The daemon's configuration: the `stream:` section of config.yaml (cpc_stream.settings checks it)."""
+"""The daemon's configuration: the `stream:` section of config.yaml (cpc_stream.config_file checks it)."""
 
 from __future__ import annotations
 

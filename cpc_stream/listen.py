@@ -11,11 +11,13 @@ The recording is an .npz, written atomically when cpc-listen exits (the --record
 start). Per run of a stream: <key>.c (frames, ctx_dim), <key>.scores (frames, 2, K), <key>.frame_index
 (frames,), where the key is the stream's name for its first run and <name>@1, <name>@2, ... for later
 runs (the daemon restarted, or the stream started over): runs are never merged. `runs` (JSON) lists each
-key with its stream, daemon instance, epoch, frames and messages lost; `meta` (JSON) is the daemon's
+key with its stream, daemon instance, epoch, frames, messages lost and how it ended (its eos reason, or
+null when no end of stream came: the daemon was killed or fell silent); `meta` (JSON) is the daemon's
 last metadata.
 
---until-eos waits for the daemon to appear, then exits once every stream of the daemon (its metadata's
-list) and every stream seen has ended, or once the daemon says it is exiting. If the daemon falls silent
+--until-eos waits for the daemon and for a first stream (and for each --stream named) to appear, then
+exits once every stream of the daemon (its metadata's list) and every stream seen has ended, or once the
+daemon says it is exiting. If the daemon falls silent
 (no message, not even its periodic metadata, for --silence seconds) cpc-listen says so, keeps what it
 received and exits 1.
 """
@@ -77,10 +79,11 @@ class Recorder:
     def frames(self, key: str) -> int:
         return sum(len(chunk) for chunk in self.parts[key]["c"])
 
-    def save(self, path: str, meta: dict | None, lost: dict[str, int]) -> int:
+    def save(self, path: str, meta: dict | None, lost: dict[str, int], ended: dict) -> int:
+        """Write the .npz (atomically); `ended` maps (stream, run) to its eos header, where one came."""
         runs = [
             {"key": key, "stream": stream, "instance": run[0], "epoch": run[1], "frames": self.frames(key),
-             "lost": lost.get(key, 0)}
+             "lost": lost.get(key, 0), "ended": ended[stream, run]["reason"] if (stream, run) in ended else None}
             for (stream, run), key in self.keys.items()
         ]  # fmt: skip
         arrays = {"meta": np.array(json.dumps(meta or {})), "runs": np.array(json.dumps(runs))}
@@ -181,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                          if not args.stream or s in args.stream}
                         if meta else set()
                     )  # fmt: skip
-                    running = {
-                        k for k in listed | seen if k not in ended and not superseded(k, listed | seen, meta)
-                    }
-                    if (meta or seen) and not running:
+                    known = listed | {k for k in seen if not args.stream or k[0] in args.stream}
+                    running = {k for k in known if k not in ended and not superseded(k, known, meta)}
+                    named = {k[0] for k in known}
+                    # Wait for a first stream (a --listen daemon may have none yet), and for every --stream.
+                    if known and not running and (not args.stream or set(args.stream) <= named):
                         break
                     if daemon_exiting:  # its last message: everything it sent came before
                         break
@@ -195,17 +199,28 @@ def main(argv: list[str] | None = None) -> int:
                     break
             meta, gaps, lost = sub.meta, len(sub.gaps), sub.lost
             malformed, restarts = sum(sub.malformed.values()), len(sub.restarts)
-        runs = ", ".join(f"{rec.keys[k]}: {rec.frames(rec.keys[k])} frames" for k in rec.keys)
+        runs = ", ".join(
+            f"{rec.keys[k]}: {rec.frames(rec.keys[k])} frames" + ("" if k in ended else " (no end of stream)")
+            for k in rec.keys
+        )
         print(f"cpc-listen: {runs or 'nothing received'}; {gaps} gaps, {lost} messages lost"
               + (f"; {malformed} malformed messages skipped" if malformed else "")
               + (f"; {restarts} restarts (recorded as separate runs)" if restarts else ""), file=sys.stderr)  # fmt: skip
         if silent:
             print(f"cpc-listen: error: the daemon at {args.connect} has been silent for {args.silence:g} s "
                   "before every stream ended; keeping what arrived", file=sys.stderr)  # fmt: skip
+        elif meta is None and not seen:
+            status = 1
+            print(f"cpc-listen: error: nothing came from {args.connect}: no daemon there, or it refuses this "
+                  "client (CURVE: --server-key and --client-key, and the client's key in its allowed folder)",
+                  file=sys.stderr)  # fmt: skip
         if args.record:
             try:
                 n = rec.save(
-                    args.record, meta, {rec.keys[k]: v for k, v in lost_by_run.items() if k in rec.keys}
+                    args.record,
+                    meta,
+                    {rec.keys[k]: v for k, v in lost_by_run.items() if k in rec.keys},
+                    ended,
                 )
             except OSError as e:
                 raise UserError(f"cannot write {args.record}: {e.strerror}") from None

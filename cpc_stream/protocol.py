@@ -94,8 +94,11 @@ def encode(kind: str, stream: str, header: dict, data: np.ndarray | None = None)
 
 
 # -- checking -----------------------------------------------------------------------------------------
+MAX_INT = 2**53  # integers beyond what a double holds exactly (JavaScript's limit too) are malformed
+
+
 def _int(lo: int = 0) -> Callable[[object], bool]:
-    return lambda v: type(v) is int and v >= lo
+    return lambda v: type(v) is int and lo <= v < MAX_INT
 
 
 def _number(v: object) -> bool:
@@ -119,7 +122,9 @@ def _nonempty_str(v: object) -> bool:
 
 
 def _last_seq(v: object) -> bool:
-    return isinstance(v, dict) and all(k in DATA_KINDS and type(s) is int and s >= -1 for k, s in v.items())
+    return isinstance(v, dict) and all(
+        k in DATA_KINDS and type(s) is int and -1 <= s < MAX_INT for k, s in v.items()
+    )
 
 
 def _str_list(v: object) -> bool:
@@ -202,7 +207,17 @@ def _check_payload(kind: str, head: dict, payload: bytes) -> np.ndarray:
 
 
 def decode(frames: list[bytes]) -> Message:
-    """Parse and check the three frames of one message; raises ProtocolError saying what is wrong."""
+    """Parse and check the three frames of one message; raises ProtocolError saying what is wrong (and
+    nothing else, whatever the bytes)."""
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # a check this module lacks must not crash a subscriber either
+        raise ProtocolError(f"malformed message ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _decode(frames: list[bytes]) -> Message:
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     raw_topic, raw_head, payload = (bytes(f) for f in frames)

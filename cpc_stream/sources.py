@@ -209,7 +209,7 @@ class FileSource(Source):
         that fails loses all of its block). (frames, channels) float32."""
         parts = []
         try:
-            with sf.SoundFile(self.path) as f:
+            with sf.SoundFile(os.fsencode(self.path)) as f:
                 f.seek(position)
                 while True:
                     block = f.read(16, dtype="float32", always_2d=True)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from shutil import which
 
 import numpy as np
@@ -224,7 +225,8 @@ def test_a_second_signal_ends_every_stream_at_once(small_onnx):
 
 # -- one stream's failure is its own ------------------------------------------------------------------
 def test_a_non_ascii_name_and_a_damaged_file_end_only_their_own_stream(small_onnx, tmp_path):
-    """Stream names are any UTF-8; a truncated FLAC publishes every hop that still decodes and ends
+    """Stream names are any UTF-8 (a file name that is not UTF-8 gets U+FFFD for its bad bytes); a
+    truncated FLAC publishes every hop that still decodes and ends
     with eos 'error: ...' while the other streams finish normally; the daemon then exits 1."""
     path, model = small_onnx
     accented = tmp_path / "réunion été.wav"
@@ -232,15 +234,17 @@ def test_a_non_ascii_name_and_a_damaged_file_end_only_their_own_stream(small_onn
     damaged = tmp_path / "damaged.flac"
     data = UTT_2911.read_bytes()
     damaged.write_bytes(data[: len(data) * 2 // 3])
+    not_utf8 = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.flac")  # a Latin-1 name: not UTF-8
+    Path(not_utf8).write_bytes(UTT_1089.read_bytes())
     proc, endpoint = start_daemon(path, "--file", str(accented), "--file", str(damaged), "--file", str(UTT_1089),
-                                  "--wait-subscribers", "1")  # fmt: skip
+                                  "--file", not_utf8, "--wait-subscribers", "1")  # fmt: skip
     with Subscriber(endpoint, kinds=("c",)) as sub:
         meta = sub.wait_meta(timeout=30)
-        got, eos = collect(sub, 3)
+        got, eos = collect(sub, 4)
     code, err = finish(proc)
     assert code == 1, err
-    assert meta["streams"] == ["réunion été-0", "damaged-1", "1089-134686-0001-2"]
-    for name in ("réunion été-0", "1089-134686-0001-2"):
+    assert meta["streams"] == ["réunion été-0", "damaged-1", "1089-134686-0001-2", "caf\ufffd-3"]
+    for name in ("réunion été-0", "1089-134686-0001-2", "caf\ufffd-3"):
         assert eos[name]["reason"] == "end of file"
         assert len(frames_of(got[name]["c"])) == len(load_audio(UTT_1089, 16000)) // 160
     assert eos["damaged-1"]["reason"].startswith("error: ") and "damaged after" in eos["damaged-1"]["reason"]
@@ -422,12 +426,15 @@ def test_a_killed_and_restarted_daemon_is_a_restart_not_a_merge(small_onnx, tmp_
     runs = {r["key"]: r for r in json.loads(str(rec["runs"]))}
     name = "2911-12359-0007"
     assert set(runs) == {name, f"{name}@1"} and runs[name]["instance"] != runs[f"{name}@1"]["instance"]
+    assert (runs[name]["ended"], runs[f"{name}@1"]["ended"]) == (None, "end of file")  # killed: no eos
     total = sf.info(str(UTT_2911)).frames // 160
     assert 0 < len(rec[f"{name}.c"]) < total and len(rec[f"{name}@1.c"]) == total
     for key in (name, f"{name}@1"):
         idx = rec[f"{key}.frame_index"]
         assert idx.tolist() == list(range(len(idx)))  # each run whole and in order, nothing merged
-    assert "1 restarts (recorded as separate runs)" in err
+    assert (
+        "1 restarts (recorded as separate runs)" in err and f"{name}: " in err and "(no end of stream)" in err
+    )
 
 
 def test_listen_gives_up_on_a_silent_daemon_and_keeps_what_arrived(small_onnx, tmp_path):
@@ -578,3 +585,11 @@ def test_cpc_listen_skips_malformed_messages_and_keeps_recording(tmp_path):
     rec = np.load(out)
     assert rec["s.c"][:, 0].tolist() == [0, 1, 2, 3, 4, 5] and rec["s.frame_index"].tolist() == list(range(6))
     assert "0 gaps, 0 messages lost; 36 malformed messages skipped" in err, err
+
+
+def test_cpc_listen_says_when_nothing_came(tmp_path):
+    """No daemon (or one that refuses this client): cpc-listen says so and exits 1, rather than a quiet
+    'nothing received'."""
+    listen = start_listen(free_port(), "--duration", "1.5", "--quiet")
+    _, err = listen.communicate(timeout=30)
+    assert listen.returncode == 1 and "error: nothing came from tcp://127.0.0.1:" in err.decode()

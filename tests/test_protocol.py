@@ -143,6 +143,7 @@ MALFORMED = [
     (with_header(good(), seq=-1), "'seq' has a bad value"),
     (with_header(good(), seq=1.5), "'seq' has a bad value"),
     (with_header(good(), count=True), "'count' has a bad value"),
+    (with_header(good("scores"), frame=2**70), "'frame' has a bad value"),
     (with_header(good(), instance=""), "'instance' has a bad value"),
     ([good()[0], json.dumps({k: v for k, v in json.loads(good()[1]).items() if k != "frame"}).encode(), good()[2]], "lacks 'frame'"),
     (with_header(good(), dtype="<f8"), "dtype"),
@@ -182,7 +183,7 @@ def test_any_bytes_decode_or_raise_protocol_error(frames):
 JSON = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**40), 2**40)
+    | st.integers(-(2**80), 2**80)
     | st.floats(allow_nan=False)
     | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),

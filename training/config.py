@@ -1,5 +1,5 @@
 """Training configuration: one small object, loaded from config.yaml and overridden by `section.key=value`
-arguments (cpc_stream.settings does the checking: unknown keys and bad values are one-line errors)."""
+arguments (cpc_stream.config_file does the checking: unknown keys and bad values are one-line errors)."""
 
 from __future__ import annotations
 

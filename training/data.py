@@ -12,6 +12,7 @@ seen, with no sampler state to save.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def scan_librispeech(root: str | Path, subset: str) -> tuple[list[Utterance], in
     utts, skipped = [], 0
     for path in sorted(base.glob("*/*/*.flac")):
         try:
-            info = sf.info(str(path))
+            info = sf.info(os.fsencode(path))
         except (sf.LibsndfileError, RuntimeError) as e:
             skipped += 1
             log.warning("skipping unreadable audio file %s: %s", path, str(e).split("\n")[0])
@@ -166,7 +167,7 @@ class WindowBatches(torch.utils.data.Dataset):
                 u = self.utts[int(rng.choice(pool, p=p))]
                 start = int(rng.integers(0, u.samples - self.window + 1))
                 try:
-                    x, _ = sf.read(str(u.path), start=start, frames=self.window, dtype="float32")
+                    x, _ = sf.read(os.fsencode(u.path), start=start, frames=self.window, dtype="float32")
                 except (sf.LibsndfileError, RuntimeError) as e:
                     self.bad_reads += 1
                     log.warning("skipping window of %s (decode error: %s)", u.path, str(e).split("\n")[0])
