@@ -6,7 +6,7 @@
     server.shutdown()
 
 /metrics is Prometheus' text format (prometheus-client). /healthz answers 200 "ok" while the daemon's
-loop is turning (healthy() is true), 503 otherwise. Both serve only GET; anything else is 404.
+loop is turning (healthy() is true), 503 otherwise. Another path is 404, another method 405.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ class Metrics:
                     )
                 else:
                     self._reply(404, "text/plain; charset=utf-8", b"not found: /metrics or /healthz\n")
+
+            def _refuse(self) -> None:
+                self._reply(405, "text/plain; charset=utf-8", b"only GET /metrics and GET /healthz\n")
+
+            do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
 
             def _reply(self, status: int, content_type: str, body: bytes) -> None:
                 self.send_response(status)
